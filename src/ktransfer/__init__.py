@@ -1,0 +1,12 @@
+"""ktransfer: find and transfer complementary knowledge between pretrained classifiers."""
+
+__version__ = "0.1.0"
+
+from .api import TransferResult, transfer  # noqa: E402
+from .data.base import ImageData  # noqa: E402
+from .errors import KTransferError  # noqa: E402
+from .methods import create_method, method_names  # noqa: E402
+from .models import Model, Preprocess, load_model  # noqa: E402
+from .predictions import PredictionCache  # noqa: E402
+
+__all__ = ["ImageData", "KTransferError", "Model", "PredictionCache", "Preprocess", "TransferResult", "__version__", "create_method", "load_model", "method_names", "transfer"]

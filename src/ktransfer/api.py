@@ -1,0 +1,150 @@
+"""The Python API: ``ktransfer.transfer(student, teacher, transfer_data, eval_data, method=...)``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .data.base import ImageData, as_image_data
+from .engine import Engine, Evaluator, TrainConfig
+from .errors import ConfigError, ModelError
+from .methods import create_method
+from .methods.base import Method
+from .models.base import Model, as_model
+from .predictions import PredictionCache
+from .targets import CachedTargets, OnlineTargets
+
+TARGET_MODES = ("cached", "online")
+
+
+@dataclass
+class TransferResult:
+    """What a transfer gives back: the trained student, its metrics (a ``results.jsonl`` record) and the per-epoch history."""
+
+    student: nn.Module
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    model: Model | None = None
+
+    def save_student(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
+        save_file(state, path, metadata={"student": str(self.metrics.get("student")), "teacher": str(self.metrics.get("teacher")), "method": str(self.metrics.get("method"))})
+        return path
+
+
+def check_compatible(student: Model, teachers: Sequence[Model], *datasets: ImageData) -> None:
+    """Teacher and student must share one label space, and the data must fit it."""
+    classes = student.num_classes
+    for teacher in teachers:
+        if teacher.num_classes != classes:
+            raise ModelError(
+                f"teacher {teacher.name} predicts {teacher.num_classes} classes but student {student.name} predicts {classes}; "
+                f"fit both to the same label space first with 'ktransfer adapt'"
+            )
+    for data in datasets:
+        if data.num_classes > classes or (len(data) and int(data.labels.max()) >= classes):
+            raise ModelError(f"{data.name} has {data.num_classes} classes but the models predict {classes}; fit the models to this data with 'ktransfer adapt'")
+
+
+def transfer(
+    student,
+    teacher,
+    transfer_data,
+    eval_data,
+    method: str | Method = "kl_dp",
+    *,
+    epochs: int = 3,
+    lr: float | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 1e-3,
+    momentum: float = 0.9,
+    targets: str = "cached",
+    device: str = "cpu",
+    cache: PredictionCache | None = None,
+    class_names: Sequence[str] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    **hparams,
+) -> TransferResult:
+    """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
+
+    ``student``/``teacher``: ``nn.Module`` (logits out) or :class:`ktransfer.Model` (module plus
+    preprocessing). ``teacher`` may be a list for methods that route between several teachers.
+    Data: ``(images, labels)`` tensors, a ``Dataset`` of ``(image, label)`` or :class:`ImageData`.
+    ``lr`` defaults to the paper's value for the method. Extra keyword arguments are the
+    method's hyperparameters (``ktransfer methods`` lists them).
+    """
+    started = time.perf_counter()
+    student_model = as_model(student, "student")
+    teachers = [as_model(t, f"teacher{i}" if isinstance(teacher, (list, tuple)) else "teacher") for i, t in enumerate(teacher if isinstance(teacher, (list, tuple)) else [teacher])]
+    if isinstance(method, str):
+        method = create_method(method, **hparams)
+    elif hparams:
+        raise ConfigError("pass hyperparameters either to create_method or to transfer, not both")
+    if len(teachers) > 1 and not method.supports_multiple_teachers:
+        raise ConfigError(f"method {method.name} takes one teacher; for several teachers in one run use a DP method (kl_dp)")
+    if targets not in TARGET_MODES:
+        raise ConfigError(f"targets must be one of {', '.join(TARGET_MODES)}; got {targets!r}")
+    transfer_set = as_image_data(transfer_data, "transfer data", class_names)
+    eval_set = as_image_data(eval_data, "eval data", class_names)
+    check_compatible(student_model, teachers, transfer_set, eval_set)
+    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device)
+    config.validate()
+    cache = cache if cache is not None else PredictionCache(enabled=False)
+
+    # The user's student stays as it was and serves as the frozen original; a copy trains.
+    original = Model(student_model.module, f"{student_model.name} (original)", student_model.preprocess, student_model.family, student_model.spec, student_model._fingerprint)
+    trained = Model(copy.deepcopy(student_model.module).to(device), student_model.name, student_model.preprocess, student_model.family, student_model.spec)
+    for model in (original, *teachers):
+        model.module.to(device)
+
+    before = cache.predictions(original, eval_set, device=device)
+    teacher_eval = cache.predictions(teachers[0], eval_set, device=device)
+    needs_original = method.needs_original
+    if targets == "cached" and not method.needs_features:
+        source = CachedTargets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, cache, device)
+    else:
+        source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features)
+    evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device)
+    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch)
+    history = engine.run()
+    final = history[-1]
+    result_module = method.eval_module(trained.module)
+    metrics = {
+        "student": student_model.spec or student_model.name,
+        "teacher": teachers[0].spec or teachers[0].name,
+        "method": method.name,
+        **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval")},
+        "teacher_share": final.get("teacher_share"),
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        "seed": config.seed,
+        "targets": targets,
+        "hparams": method.describe(),
+        "n_transfer": len(transfer_set),
+        "transfer_data": transfer_set.name,
+        "eval_data": eval_set.name,
+        "seconds": time.perf_counter() - started,
+        "version": __version__,
+        "history": history,
+    }
+    if len(teachers) > 1:
+        metrics["teachers"] = [t.spec or t.name for t in teachers]
+    final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec)
+    return TransferResult(result_module, metrics, history, final_model)
+
+

@@ -1,0 +1,95 @@
+"""Labelled image data held as tensors."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageData:
+    """Images ``[N, C, H, W]`` (uint8 in 0..255, or float already scaled) with int64 labels.
+
+    ``name`` says where the data came from; together with the content it keys every cache
+    that depends on the data (see :meth:`fingerprint`).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    name: str = "data"
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.images.ndim == 3:  # [N, H, W] greyscale
+            self.images = self.images.unsqueeze(1)
+        if self.images.ndim != 4:
+            raise DataError(f"{self.name}: images must have shape [N, C, H, W]; got {tuple(self.images.shape)}")
+        self.labels = torch.as_tensor(self.labels).long().reshape(-1)
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise DataError(
+                f"{self.name}: labels must lie in 0..{self.num_classes - 1} for {self.num_classes} classes; "
+                f"found {int(self.labels.min())}..{int(self.labels.max())}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """A short hash of the name, the labels and every pixel."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=10)
+            digest.update(self.name.encode())
+            digest.update(str((tuple(self.images.shape), str(self.images.dtype))).encode())
+            digest.update(self.images.contiguous().numpy().tobytes())
+            digest.update(self.labels.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def subset(self, indices: Sequence[int] | torch.Tensor, name: str) -> "ImageData":
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return ImageData(self.images[index], self.labels[index], self.class_names, name)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(indices, images, labels)`` in the given order, straight from memory."""
+        for index in order.split(batch_size):
+            yield index, self.images[index], self.labels[index]
+
+
+def as_image_data(data, name: str, class_names: Sequence[str] | None = None) -> ImageData:
+    """Accept an :class:`ImageData`, a pair ``(images, labels)`` or a ``Dataset`` of ``(image, label)``."""
+    if isinstance(data, ImageData):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        images, labels = data
+    elif isinstance(data, Dataset):
+        try:
+            items = [data[i] for i in range(len(data))]
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's dataset is reported as such
+            raise DataError(f"{name}: could not read the dataset's items as (image, label): {exc}") from exc
+        if not items:
+            raise DataError(f"{name}: the dataset is empty")
+        images = torch.stack([torch.as_tensor(image) for image, _ in items])
+        labels = torch.as_tensor([int(label) for _, label in items])
+    else:
+        raise DataError(
+            f"{name}: expected a pair of tensors (images, labels), a torch Dataset of (image, label) "
+            f"or ktransfer.ImageData; got {type(data).__name__}"
+        )
+    labels = torch.as_tensor(labels).long()
+    if class_names is None:
+        count = int(labels.max()) + 1 if len(labels) else 0
+        class_names = [str(i) for i in range(count)]
+    return ImageData(torch.as_tensor(images), labels, list(class_names), name)

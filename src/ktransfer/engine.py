@@ -1,0 +1,179 @@
+"""The one training loop every method and strategy runs on.
+
+The student trains in train mode; teachers and the original student stay frozen in eval mode
+(they live in a :class:`~ktransfer.targets.TargetSource`). After every epoch the student is
+evaluated and the numbers appended to the history. All loop state sits in :class:`TrainState`
+so a run can be saved and resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .data.base import ImageData
+from .errors import ConfigError, TrainingError
+from .methods.base import Method, StepInputs
+from .metrics import accuracy, transfer_metrics
+from .models.base import Model
+from .predictions import compute_logits
+from .targets import TargetSource
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 1024
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1; got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a positive number; got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1; got {self.batch_size}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must lie in [0, 1); got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
+
+
+class Evaluator:
+    """Scores a student on the evaluation set against its pre-transfer predictions and the teachers'."""
+
+    def __init__(self, data: ImageData, before: torch.Tensor | None = None, teacher: torch.Tensor | None = None, batch_size: int = 1024, device="cpu"):
+        self.data, self.before, self.teacher = data, before, teacher
+        self.batch_size, self.device = batch_size, device
+        self.last_predictions: torch.Tensor | None = None
+
+    def __call__(self, student: Model) -> dict:
+        predictions = compute_logits(student, self.data, self.batch_size, self.device).argmax(1)
+        self.last_predictions = predictions
+        if self.before is None:
+            return {"acc": accuracy(self.data.labels, predictions), "n_eval": len(self.data)}
+        metrics = transfer_metrics(self.data.labels, self.before, predictions, self.teacher)
+        metrics["acc"] = metrics["acc_after"]
+        return metrics
+
+
+@dataclass
+class TrainState:
+    """Everything the loop changes; ``state_dict``/``load_state_dict`` make a run resumable."""
+
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "epoch": self.epoch, "step": self.step, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+
+
+class Engine:
+    def __init__(
+        self,
+        student: Model,
+        method: Method,
+        data: ImageData,
+        config: TrainConfig,
+        targets: TargetSource | None = None,
+        evaluator: Evaluator | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ):
+        config.validate()
+        if (method.needs_teacher or method.needs_original) and targets is None:
+            raise ConfigError(f"method {method.name} needs a teacher; none was given")
+        self.student, self.method, self.data, self.config = student, method, data, config
+        self.targets, self.evaluator = targets, evaluator
+        self.on_step, self.on_epoch = on_step, on_epoch
+        torch.manual_seed(config.seed)
+        extra = method.setup(student.module)
+        optimizer = torch.optim.SGD(
+            [*student.module.parameters(), *extra], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.state = TrainState(optimizer, torch.Generator().manual_seed(config.seed))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data) / self.config.batch_size)
+
+    def train_epoch(self) -> dict:
+        module, method, config, state = self.student.module, self.method, self.config, self.state
+        module.train()
+        order = torch.randperm(len(self.data), generator=state.generator)
+        loss_sum, stat_sums, batches = 0.0, {}, 0
+        for index, images, labels in self.data.batches(order, config.batch_size):
+            images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
+            if method.needs_features:
+                features, logits = self.student.features_and_logits(images)
+            else:
+                features, logits = None, self.student.logits(images)
+            batch = self.targets.get(index, images) if self.targets is not None else None
+            inputs = StepInputs(
+                student_logits=logits,
+                labels=labels,
+                teacher_logits=batch.teacher_logits if batch else None,
+                original_logits=batch.original_logits if batch else None,
+                student_features=features,
+                teacher_features=batch.teacher_features if batch else None,
+                indices=index,
+            )
+            out = method.loss(inputs)
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"{method.name}: the loss became {loss_value} at epoch {state.epoch + 1}, step {state.step + 1}; "
+                    f"lower the learning rate (now {config.lr}) or check the inputs for NaN"
+                )
+            state.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            state.optimizer.step()
+            state.step += 1
+            method.after_step(module, state.step)
+            loss_sum += loss_value
+            for key, value in out.stats.items():
+                stat_sums[key] = stat_sums.get(key, 0.0) + value
+            batches += 1
+            if self.on_step is not None:
+                self.on_step(state.step, self.steps_per_epoch * config.epochs)
+        return {"train_loss": loss_sum / max(batches, 1), **{k: v / max(batches, 1) for k, v in stat_sums.items()}}
+
+    def evaluate(self) -> dict:
+        if self.evaluator is None:
+            return {}
+        evaluated = self.method.eval_module(self.student.module)
+        model = self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
+        return self.evaluator(model)
+
+    def run(self) -> list[dict]:
+        state = self.state
+        while state.epoch < self.config.epochs:
+            started = time.perf_counter()
+            record = {"epoch": state.epoch + 1, **self.train_epoch()}
+            record.update(self.evaluate())
+            record["seconds"] = time.perf_counter() - started
+            state.epoch += 1
+            state.history.append(record)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+        return state.history
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

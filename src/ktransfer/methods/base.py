@@ -1,0 +1,136 @@
+"""What a transfer method is: per-batch targets and a loss, plus optional hooks. No loop of its own.
+
+A method declares its hyperparameters as a dataclass whose fields carry the paper's
+defaults, a description and a valid range; :func:`create_method` checks user values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def hparam(default, help: str, low: float | None = None, high: float | None = None, choices: tuple | None = None):
+    """A hyperparameter field: default, meaning and valid range (inclusive bounds)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+@dataclass
+class Hyperparameters:
+    """Base of every method's hyperparameters."""
+
+    def validate(self, method: str) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise ConfigError(f"{method}: {f.name}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value != value:
+                    raise ConfigError(f"{method}: {f.name} is NaN")
+                if meta.get("low") is not None and value < meta["low"]:
+                    raise ConfigError(f"{method}: {f.name}={value} is below its minimum {meta['low']} ({meta['help']})")
+                if meta.get("high") is not None and value > meta["high"]:
+                    raise ConfigError(f"{method}: {f.name}={value} is above its maximum {meta['high']} ({meta['help']})")
+
+
+@dataclass
+class StepInputs:
+    """Everything a method may use for one batch. Teacher logits are stacked ``[K, B, C]``."""
+
+    student_logits: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    original_logits: torch.Tensor | None = None
+    student_features: torch.Tensor | None = None
+    teacher_features: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    # Per-batch numbers worth logging, e.g. the share of samples routed to the teacher.
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``summary``, ``Params`` and implement :meth:`loss`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[Hyperparameters]] = Hyperparameters
+    # What the engine must provide in StepInputs.
+    needs_teacher: ClassVar[bool] = True
+    needs_original: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    # Several teachers in one run (the parallel strategy) needs a method that chooses per sample.
+    supports_multiple_teachers: ClassVar[bool] = False
+    # Learning rate the paper used with this method.
+    default_lr: ClassVar[float] = 1e-4
+
+    def __init__(self, params: Hyperparameters | None = None):
+        self.params = params if params is not None else self.Params()
+
+    def setup(self, student: nn.Module) -> list[nn.Parameter]:
+        """Called once before training; returns extra parameters to optimise (projection heads)."""
+        return []
+
+    def loss(self, inputs: StepInputs) -> LossOutput:
+        raise NotImplementedError
+
+    def after_step(self, student: nn.Module, step: int) -> None:
+        """Called after every optimiser step."""
+
+    def eval_module(self, student: nn.Module) -> nn.Module:
+        """The weights to evaluate and return (MCL's slow weights, for example)."""
+        return student
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def create_method(name: str, **hparams) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(method_names())} (see 'ktransfer methods')")
+    cls = METHODS[name]
+    known = {f.name for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown hyperparameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(known)) or 'none'}")
+    typed = {}
+    for f in dataclasses.fields(cls.Params):
+        if f.name in hparams:
+            typed[f.name] = _coerce(name, f.name, hparams[f.name], type(f.default))
+    params = cls.Params(**typed)
+    params.validate(name)
+    return cls(params)
+
+
+def _coerce(method: str, key: str, value, kind: type):
+    if isinstance(value, kind) or kind is type(None):
+        return value
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method}: {key}={value!r} is not a valid {kind.__name__}") from None

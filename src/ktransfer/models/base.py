@@ -1,0 +1,125 @@
+"""A model as ktransfer sees it: a module, its own preprocessing, and where its features are."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How one model wants its input: every model gets the same image prepared its own way.
+
+    uint8 images are scaled to [0, 1]; then resized to ``input_size`` (if set), channels
+    repeated to ``in_chans`` (greyscale to colour), and normalised with ``mean``/``std``.
+    The defaults leave float input untouched.
+    """
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    input_size: tuple[int, int] | None = None
+    in_chans: int | None = None
+    interpolation: str = "bilinear"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, antialias=self.interpolation in ("bilinear", "bicubic"), align_corners=False if self.interpolation != "nearest" else None)
+        if self.in_chans is not None and x.shape[1] != self.in_chans:
+            if x.shape[1] != 1:
+                raise ModelError(f"cannot turn {x.shape[1]}-channel images into the {self.in_chans} channels the model expects")
+            x = x.expand(-1, self.in_chans, -1, -1)
+        if self.mean == (0.0,) and self.std == (1.0,):
+            return x
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+@dataclass
+class Model:
+    """A classifier ready for transfer.
+
+    ``module`` maps preprocessed images to logits. ``forward_features``/``forward_head`` are
+    used where the module has them (zoo and timm models); otherwise the input of the final
+    ``nn.Linear`` is taken as the features (see :meth:`features_and_logits`).
+    """
+
+    module: nn.Module
+    name: str
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    family: str = ""
+    spec: str = ""
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        head = getattr(self.module, "num_classes", None)
+        if isinstance(head, int):
+            return head
+        last = final_linear(self.module)
+        if last is None:
+            raise ModelError(f"{self.name}: cannot tell its number of classes; give the module a `num_classes` attribute")
+        return last.out_features
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(self.preprocess(images))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.preprocess(images)
+        module = self.module
+        if hasattr(module, "forward_features") and hasattr(module, "forward_head"):
+            features = module.forward_features(x)
+            return features, module.forward_head(features)
+        last = final_linear(module)
+        if last is None:
+            raise ModelError(f"{self.name}: has no forward_features/forward_head and no final nn.Linear whose input could serve as features")
+        captured = {}
+        handle = last.register_forward_pre_hook(lambda _m, args: captured.__setitem__("features", args[0]))
+        try:
+            logits = module(x)
+        finally:
+            handle.remove()
+        return captured["features"], logits
+
+    def fingerprint(self) -> str:
+        """A hash of the weights, buffers and preprocessing; frozen models only (it is cached)."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=10)
+            digest.update(type(self.module).__qualname__.encode())
+            digest.update(self.preprocess.describe().encode())
+            for key, tensor in self.module.state_dict().items():
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def final_linear(module: nn.Module) -> nn.Linear | None:
+    """The last ``nn.Linear`` registered in the module, which for classifiers is the head."""
+    last = None
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            last = sub
+    return last
+
+
+def as_model(model, name: str) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        return Model(model, name)
+    raise ModelError(f"{name}: expected a torch nn.Module or ktransfer.Model; got {type(model).__name__}")

@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+
+import ktransfer
+from ktransfer.engine import Engine, TrainConfig
+from ktransfer.errors import ModelError, TrainingError
+from ktransfer.methods import create_method
+from ktransfer.models.base import Model
+from ktransfer.models.zoo import MLP, SmallCNN
+from ktransfer.predictions import PredictionCache
+
+
+def trained(module, data, epochs=1, lr=0.05, seed=0):
+    model = Model(module, type(module).__name__)
+    Engine(model, create_method("ce"), data, TrainConfig(epochs=epochs, lr=lr, batch_size=64, seed=seed)).run()
+    return module.eval()
+
+
+@pytest.fixture
+def pair(tiny_data):
+    transfer_set, _ = tiny_data
+    torch.manual_seed(0)
+    return trained(MLP(), transfer_set), trained(SmallCNN(), transfer_set, epochs=2)
+
+
+@pytest.mark.parametrize("method", ["kl", "kl_dp"])
+def test_online_and_cached_targets_give_identical_students(tiny_data, pair, method):
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    runs = {
+        mode: ktransfer.transfer(student, teacher, transfer_set, eval_set, method=method, epochs=2, lr=0.01, targets=mode, cache=PredictionCache(enabled=False))
+        for mode in ("online", "cached")
+    }
+    online, cached = runs["online"].student.state_dict(), runs["cached"].student.state_dict()
+    for key in online:
+        assert torch.equal(online[key], cached[key]), key
+    assert runs["online"].metrics["acc_after"] == runs["cached"].metrics["acc_after"]
+
+
+def test_transfer_result_and_untouched_inputs(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    before_student = copy.deepcopy(student.state_dict())
+    before_teacher = copy.deepcopy(teacher.state_dict())
+    result = ktransfer.transfer(student, teacher, (transfer_set.images, transfer_set.labels), (eval_set.images, eval_set.labels), method="kl_dp", epochs=3, lr=0.01)
+    assert len(result.history) == 3 and [h["epoch"] for h in result.history] == [1, 2, 3]
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before_student[key])
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before_teacher[key])
+    assert any(not torch.equal(a, b) for a, b in zip(result.student.state_dict().values(), before_student.values()))
+    m = result.metrics
+    assert m["method"] == "kl_dp" and m["epochs"] == 3 and m["lr"] == 0.01 and m["n_eval"] == len(eval_set)
+    assert m["delta"] == pytest.approx(m["knowledge_gain"] - m["knowledge_loss"], abs=1e-9)
+    assert m["delta"] == pytest.approx(m["acc_after"] - m["acc_before"], abs=1e-9)
+    assert 0.0 <= m["teacher_share"] <= 1.0
+    assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence"}
+    # the returned student really is the one evaluated last
+    preds = result.model.logits(eval_set.images).argmax(1)
+    assert ktransfer.metrics.accuracy(eval_set.labels, preds) == pytest.approx(m["acc_after"])
+
+
+def test_dataset_input(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    dataset = torch.utils.data.TensorDataset(transfer_set.images, transfer_set.labels)
+    result = ktransfer.transfer(student, teacher, dataset, eval_set, method="kl", epochs=1, lr=0.01)
+    assert result.metrics["n_transfer"] == len(transfer_set)
+
+
+def test_self_routing_keeps_the_student(tiny_data, pair):
+    """DP's 'self' control distils the student into itself: with a tiny lr it barely moves."""
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    result = ktransfer.transfer(student, teacher, transfer_set, eval_set, method="kl_dp", routing="self", epochs=1, lr=1e-4)
+    assert result.metrics["teacher_share"] == 0.0
+    assert result.metrics["knowledge_loss"] <= 1.0
+
+
+def test_nan_loss_is_a_clear_error(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    broken = transfer_set.subset(range(len(transfer_set)), "broken")
+    broken.images = broken.images.float()
+    broken.images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="loss became nan"):
+        ktransfer.transfer(student, teacher, broken, eval_set, method="kl", epochs=1, lr=0.01, targets="online")
+
+
+def test_mismatched_label_spaces(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    student, _ = pair
+    with pytest.raises(ModelError, match="ktransfer adapt"):
+        ktransfer.transfer(student, MLP(num_classes=7), transfer_set, eval_set)
+
+
+def test_train_state_round_trip(tiny_data):
+    transfer_set, _ = tiny_data
+    model = Model(MLP(), "mlp")
+    engine = Engine(model, create_method("ce"), transfer_set, TrainConfig(epochs=2, lr=0.01, batch_size=64))
+    engine.run()
+    state = engine.state.state_dict()
+    other = Engine(Model(MLP(), "mlp"), create_method("ce"), transfer_set, TrainConfig(epochs=2, lr=0.01, batch_size=64))
+    other.state.load_state_dict(state)
+    assert other.state.epoch == 2 and other.state.step == engine.state.step and other.state.history == engine.state.history
+    assert torch.equal(other.state.generator.get_state(), engine.state.generator.get_state())

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ktransfer.errors import ConfigError
+from ktransfer.methods import create_method
+from ktransfer.methods.base import StepInputs
+from ktransfer.methods.kl import kl_to_target, route
+
+
+def test_kl_zero_when_student_equals_teacher():
+    z = torch.randn(8, 10)
+    assert kl_to_target(z, z.clone(), 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_target(z, z + 3.0, 4.0).item() == pytest.approx(0.0, abs=1e-6)  # shift-invariant
+
+
+def test_kl_hand_computed():
+    teacher = torch.log(torch.tensor([[0.5, 0.5]]))
+    student = torch.log(torch.tensor([[0.25, 0.75]]))
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_to_target(teacher, student, 1.0).item() == pytest.approx(expected, rel=1e-5)
+    # T² scaling: at T = 2 the loss is 4·KL of the softened distributions
+    soft_t, soft_s = F.softmax(teacher / 2, -1), F.softmax(student / 2, -1)
+    expected_t2 = 4 * float((soft_t * (soft_t.log() - soft_s.log())).sum())
+    assert kl_to_target(teacher, student, 2.0).item() == pytest.approx(expected_t2, rel=1e-5)
+
+
+def test_route_supervised_unsupervised_and_ties():
+    big = 5.0
+    # sample 0: teacher sure of the true class 0; sample 1: original sure of true class 1;
+    # sample 2: identical logits (a tie) -> original; sample 3: teacher more confident overall but wrong
+    original = torch.tensor([[0.0, 0.0, 0.0], [0.0, big, 0.0], [1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    teacher = torch.tensor([[big, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, big]])[None]
+    labels = torch.tensor([0, 1, 2, 1])
+    assert route(original, teacher, labels).tolist() == [1, 0, 0, 0]
+    assert route(original, teacher, None).tolist() == [1, 0, 0, 1]
+
+
+def test_route_several_teachers_picks_most_confident_ties_to_earlier():
+    original = torch.zeros(2, 3)
+    teachers = torch.stack([torch.tensor([[2.0, 0, 0], [0, 0, 4.0]]), torch.tensor([[2.0, 0, 0], [0, 0, 5.0]])])
+    assert route(original, teachers, torch.tensor([0, 2])).tolist() == [1, 2]
+
+
+def test_route_ablations():
+    labels = torch.tensor([0, 0, 0, 0])
+    # original right/wrong x teacher right/wrong
+    original = torch.tensor([[3.0, 0], [3.0, 0], [0, 3.0], [0, 3.0]])
+    teacher = torch.tensor([[3.0, 0], [0, 3.0], [3.0, 0], [0, 3.0]])[None]
+    assert route(original, teacher, labels, "teacher_on_positive_flips").tolist() == [0, 0, 1, 0]
+    assert route(original, teacher, labels, "student_on_negative_flips").tolist() == [1, 0, 1, 1]
+    assert route(original, teacher, labels, "self").tolist() == [0, 0, 0, 0]
+
+
+def test_kl_dp_loss_is_kl_to_routed_target():
+    torch.manual_seed(0)
+    student, original, teacher = torch.randn(6, 4), torch.randn(6, 4), torch.randn(1, 6, 4)
+    labels = torch.randint(0, 4, (6,))
+    method = create_method("kl_dp", temperature=2.0)
+    out = method.loss(StepInputs(student, labels, teacher, original))
+    choice = route(original, teacher, labels)
+    target = torch.where((choice > 0)[:, None], teacher[0], original)
+    assert out.loss.item() == pytest.approx(kl_to_target(target, student, 2.0).item(), rel=1e-6)
+    assert out.stats["teacher_share"] == pytest.approx(float((choice > 0).float().mean()))
+
+
+def test_create_method_errors():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        create_method("nope")
+    with pytest.raises(ConfigError, match="unknown hyperparameter"):
+        create_method("kl", lambda_=1)
+    with pytest.raises(ConfigError, match="below its minimum"):
+        create_method("kl", temperature=0)
+    with pytest.raises(ConfigError, match="not one of"):
+        create_method("kl_dp", routing="random")
+    with pytest.raises(ConfigError, match="not a valid"):
+        create_method("kl", temperature="hot")
+    assert create_method("kl_dp", supervised="false").params.supervised is False
