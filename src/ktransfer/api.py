@@ -75,6 +75,7 @@ def transfer(
     class_names: Sequence[str] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    eval_references: dict[str, torch.Tensor] | None = None,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -83,7 +84,9 @@ def transfer(
     preprocessing). ``teacher`` may be a list for methods that route between several teachers.
     Data: ``(images, labels)`` tensors, a ``Dataset`` of ``(image, label)`` or :class:`ImageData`.
     ``lr`` defaults to the paper's value for the method. Extra keyword arguments are the
-    method's hyperparameters (``ktransfer methods`` lists them).
+    method's hyperparameters (``ktransfer methods`` lists them). ``eval_references`` maps a name
+    to another student's predictions on ``eval_data``: every epoch is also scored against it
+    (history keys ``delta_vs_NAME``, ``knowledge_gain_vs_NAME``, ...).
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
@@ -116,7 +119,7 @@ def transfer(
         source = CachedTargets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, cache, device)
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features)
-    evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device)
+    evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
     engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch)
     history = engine.run()
     final = history[-1]

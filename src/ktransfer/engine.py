@@ -51,9 +51,11 @@ class TrainConfig:
 class Evaluator:
     """Scores a student on the evaluation set against its pre-transfer predictions and the teachers'."""
 
-    def __init__(self, data: ImageData, before: torch.Tensor | None = None, teacher: torch.Tensor | None = None, batch_size: int = 1024, device="cpu"):
+    def __init__(self, data: ImageData, before: torch.Tensor | None = None, teacher: torch.Tensor | None = None, batch_size: int = 1024, device="cpu", references: dict[str, torch.Tensor] | None = None):
         self.data, self.before, self.teacher = data, before, teacher
         self.batch_size, self.device = batch_size, device
+        # Extra students to compare against, by name (sequential transfer: the very first student).
+        self.references = dict(references or {})
         self.last_predictions: torch.Tensor | None = None
 
     def __call__(self, student: Model) -> dict:
@@ -63,6 +65,9 @@ class Evaluator:
             return {"acc": accuracy(self.data.labels, predictions), "n_eval": len(self.data)}
         metrics = transfer_metrics(self.data.labels, self.before, predictions, self.teacher)
         metrics["acc"] = metrics["acc_after"]
+        for name, reference in self.references.items():
+            versus = transfer_metrics(self.data.labels, reference, predictions)
+            metrics.update({f"{key}_vs_{name}": versus[key] for key in ("acc_before", "delta", "knowledge_gain", "knowledge_loss")})
         return metrics
 
 
