@@ -1,0 +1,471 @@
+"""Transfer from several teachers: parallel, sequential and soup (paper section 4.3, appendix B.6).
+
+Every strategy is built from calls of :func:`ktransfer.transfer`; none has a training loop of its own.
+
+- ``parallel``: one run in which each sample learns from the most confident of the original
+  student and the K teachers (a DP method routes among K+1 models).
+- ``sequential``: one stage per teacher, ordered by teacher accuracy; each stage is a fresh
+  ``transfer`` call (fresh optimiser) whose student, and so whose DP retain target, is the
+  student the previous stage left.
+- ``soup``: one single-teacher transfer per teacher into copies of the same student, then a
+  uniform average of the students' weights, optionally with batch-norm statistics recomputed on
+  the transfer data.
+
+The result is a :class:`~ktransfer.api.TransferResult` whose ``metrics`` is a ``results.jsonl``
+record with ``strategy`` and ``teachers``; see ``docs/multi-teacher.md`` for its fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .api import TransferResult, check_compatible, transfer
+from .data.base import ImageData, as_image_data
+from .errors import ConfigError, ModelError
+from .methods import create_method
+from .methods.base import Method
+from .metrics import accuracy, transfer_metrics
+from .models.base import Model, as_model
+from .predictions import PredictionCache, compute_logits
+
+STRATEGIES = ("parallel", "sequential", "soup")
+ORDERS = ("ascending", "descending", "given")
+# Settings that must agree before a finished single-teacher result can serve as a soup ingredient.
+REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "transfer_data", "eval_data")
+# Per-epoch numbers a sequential stage reports against its own start; the combined history prefixes them with ``stage_``.
+STAGE_KEYS = ("acc_before", "delta", "knowledge_gain", "knowledge_loss")
+
+
+# ---------------------------------------------------------------- weight averaging and batch norm
+
+
+def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of floating-point entries; integer entries (BN's ``num_batches_tracked``) come from the first."""
+    if not states:
+        raise ConfigError("a weight soup needs at least one ingredient")
+    first = states[0]
+    for number, state in enumerate(states[1:], 2):
+        if state.keys() != first.keys():
+            missing, extra = sorted(first.keys() - state.keys()), sorted(state.keys() - first.keys())
+            raise ModelError(
+                f"soup ingredient {number} has different parameters from ingredient 1 (missing: {', '.join(missing[:3]) or 'none'}; "
+                f"extra: {', '.join(extra[:3]) or 'none'}); a weight soup needs students of one architecture"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != first[key].shape:
+                raise ModelError(f"soup ingredient {number}: {key} has shape {tuple(tensor.shape)} but {tuple(first[key].shape)} in ingredient 1; a weight soup needs students of one architecture")
+    averaged = {}
+    for key, tensor in first.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            # Average in at least float32 so half-precision weights do not lose the small differences.
+            wide = torch.promote_types(tensor.dtype, torch.float32)
+            averaged[key] = torch.stack([state[key].detach().to(wide) for state in states]).mean(dim=0).to(tensor.dtype)
+        else:
+            averaged[key] = tensor.detach().clone()
+    return averaged
+
+
+def average_weights(modules: Sequence[nn.Module]) -> nn.Module:
+    """A new module whose parameters and float buffers are the uniform average of ``modules`` (left untouched)."""
+    if not modules:
+        raise ConfigError("a weight soup needs at least one ingredient")
+    kinds = {type(module) for module in modules}
+    if len(kinds) > 1:
+        raise ModelError(f"a weight soup needs students of one architecture; got {', '.join(sorted(k.__name__ for k in kinds))}")
+    soup = copy.deepcopy(modules[0])
+    soup.load_state_dict(average_state_dicts([module.state_dict() for module in modules]))
+    return soup
+
+
+def batch_norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: Model, data: ImageData, batch_size: int = 256, device: str | torch.device = "cpu") -> int:
+    """Recompute every batch-norm layer's running statistics on ``data``; returns how many layers there were.
+
+    Averaged weights no longer match the averaged statistics, so the statistics are reset and
+    re-estimated as a cumulative average over the batches (momentum ``None``), with the rest of
+    the network in eval mode (no dropout) and no gradients. Parameters and all other buffers stay
+    as they were; modes and momenta are restored afterwards.
+    """
+    module = model.module
+    norms = batch_norm_layers(module)
+    if not norms:
+        return 0
+    modes = {sub: sub.training for sub in module.modules()}
+    momenta = [norm.momentum for norm in norms]
+    try:
+        module.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        for _, images, _ in data.batches(torch.arange(len(data)), batch_size):
+            model.logits(images.to(device, non_blocking=True))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for sub, training in modes.items():
+            sub.train(training)
+    return len(norms)
+
+
+# ---------------------------------------------------------------- shared set-up
+
+
+class _TrainedStudentsInMemory(PredictionCache):
+    """The caller's cache for the models the user gave; students trained here stay in memory only.
+
+    Intermediate students of a sequential run or soup are used once: writing their logits to the
+    on-disk cache would only fill it.
+    """
+
+    def __init__(self, base: PredictionCache, on_disk: set[str]):
+        super().__init__(base.root, enabled=False)
+        self.base, self.on_disk = base, on_disk
+
+    def logits(self, model: Model, data: ImageData, batch_size: int = 1024, device="cpu") -> torch.Tensor:
+        if model.fingerprint() in self.on_disk:
+            return self.base.logits(model, data, batch_size=batch_size, device=device)
+        return super().logits(model, data, batch_size=batch_size, device=device)
+
+
+@dataclass
+class _Run:
+    """What every strategy needs: the models, the data, the settings, and the pre-transfer predictions."""
+
+    student: Model
+    teachers: list[Model]
+    transfer_set: ImageData
+    eval_set: ImageData
+    method: Method
+    settings: dict  # keyword arguments of ``transfer`` shared by every call
+    cache: PredictionCache
+    first_predictions: torch.Tensor
+    teacher_predictions: list[torch.Tensor]
+    on_epoch: Callable[[dict], None] | None
+
+    @property
+    def names(self) -> list[str]:
+        return [_name(t) for t in self.teachers]
+
+    @property
+    def teacher_accuracies(self) -> list[float]:
+        return [accuracy(self.eval_set.labels, p) for p in self.teacher_predictions]
+
+    def fresh_method(self) -> Method:
+        # Each stage or ingredient gets its own method object: some keep state (MCL's slow weights).
+        return copy.deepcopy(self.method)
+
+    def call_transfer(self, student, teacher, method: Method, *, context: dict, epochs: int | None = None, **extra) -> TransferResult:
+        settings = dict(self.settings)
+        if epochs is not None:
+            settings["epochs"] = epochs
+
+        def on_epoch(record: dict) -> None:
+            record.update(context)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+
+        return transfer(student, teacher, self.transfer_set, self.eval_set, method=method, cache=self.cache, on_epoch=on_epoch, **settings, **extra)
+
+
+def _name(model: Model) -> str:
+    return model.spec or model.name
+
+
+def _prepare(student, teachers, transfer_data, eval_data, method, hparams, settings, cache, class_names, on_epoch) -> _Run:
+    if not isinstance(teachers, (list, tuple)):
+        raise ConfigError("teachers must be a list of models (nn.Module or ktransfer.Model); for one teacher use ktransfer.transfer")
+    if not teachers:
+        raise ConfigError("give at least one teacher")
+    student_model = as_model(student, "student")
+    teacher_models = [as_model(t, f"teacher{i + 1}") for i, t in enumerate(teachers)]
+    names = [_name(t) for t in teacher_models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"teacher {duplicates[0]} is given more than once; name each teacher once")
+    if isinstance(method, str):
+        method = create_method(method, **hparams)
+    elif hparams:
+        raise ConfigError("pass hyperparameters either to create_method or here, not both")
+    transfer_set = as_image_data(transfer_data, "transfer data", class_names)
+    eval_set = as_image_data(eval_data, "eval data", class_names)
+    check_compatible(student_model, teacher_models, transfer_set, eval_set)
+    device = settings.get("device", "cpu")
+    base_cache = cache if cache is not None else PredictionCache(enabled=False)
+    given = {student_model.fingerprint(), *(t.fingerprint() for t in teacher_models)}
+    run_cache = _TrainedStudentsInMemory(base_cache, given)
+    first_predictions = run_cache.predictions(student_model, eval_set, device=device)
+    teacher_predictions = [run_cache.predictions(t, eval_set, device=device) for t in teacher_models]
+    return _Run(student_model, teacher_models, transfer_set, eval_set, method, settings, run_cache, first_predictions, teacher_predictions, on_epoch)
+
+
+def _outcome(run: _Run, after: torch.Tensor) -> dict:
+    """Metrics of the final student against the very first one, and flips against the teachers jointly.
+
+    ``pos_flips_*``: share the student gets wrong and at least one teacher right (the teachers'
+    complementary knowledge together); ``neg_flips_*``: share the student gets right and every
+    teacher wrong. ``teacher_acc`` is the best teacher's accuracy.
+    """
+    labels = run.eval_set.labels
+    any_right = torch.stack([p == labels for p in run.teacher_predictions]).any(dim=0)
+    # A stand-in prediction vector that is right exactly where some teacher is right.
+    joint = torch.where(any_right, labels, run.teacher_predictions[0])
+    metrics = transfer_metrics(labels, run.first_predictions, after, joint)
+    accuracies = run.teacher_accuracies
+    metrics.update(teacher_acc=max(accuracies), teachers_acc=accuracies, teachers_any_right=accuracy(labels, joint))
+    return metrics
+
+
+def _record(run: _Run, strategy: str, base: dict, after: torch.Tensor, started: float, **fields) -> dict:
+    """A ``results.jsonl`` record: the settings of ``base`` (a single-run record), the strategy's outcome, then ``fields``."""
+    record = {
+        "student": _name(run.student),
+        "teacher": "+".join(run.names),
+        "teachers": run.names,
+        "strategy": strategy,
+        "method": run.method.name,
+    }
+    record.update(_outcome(run, after))
+    record["teacher_share"] = None
+    for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "targets", "hparams", "n_transfer", "transfer_data", "eval_data"):
+        record[key] = base[key]
+    record.update(seconds=time.perf_counter() - started, version=__version__, history=[])
+    record.update(fields)
+    return record
+
+
+def _predict(model: Model, data: ImageData, device) -> torch.Tensor:
+    return compute_logits(model, data, device=device).argmax(dim=1)
+
+
+def _without_history(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "history"}
+
+
+# ---------------------------------------------------------------- the strategies
+
+
+def _parallel(run: _Run) -> TransferResult:
+    method = run.method
+    if not method.supports_multiple_teachers:
+        raise ConfigError(
+            f"the parallel strategy routes each sample to the most confident of the original student and the teachers, "
+            f"which needs a data-partitioning method (kl_dp); {method.name} takes one teacher: use strategy sequential or soup"
+        )
+    routing = getattr(method.params, "routing", "confidence")
+    if routing != "confidence" and len(run.teachers) > 1:
+        raise ConfigError(f"the parallel strategy needs kl_dp's routing 'confidence'; the ablation {routing!r} is defined for one teacher only")
+    started = time.perf_counter()
+    result = run.call_transfer(run.student, list(run.teachers), run.fresh_method(), context={"strategy": "parallel"})
+    after = _predict(result.model, run.eval_set, run.settings.get("device", "cpu"))
+    models = ["original", *run.names]
+    final = result.history[-1]
+    if len(run.teachers) > 1:
+        shares = [final[f"share_{k}"] for k in range(len(models))]
+    else:  # with one teacher the method logs only the teacher's share
+        shares = [1.0 - final["teacher_share"], final["teacher_share"]]
+    for epoch in result.history:
+        epoch["routed_shares"] = dict(zip(models, [epoch.get(f"share_{k}") for k in range(len(models))])) if len(run.teachers) > 1 else None
+    record = _record(
+        run, "parallel", result.metrics, after, started,
+        teacher_share=final.get("teacher_share"),
+        routed_shares=dict(zip(models, shares)),
+        history=result.history,
+    )
+    result.metrics = record
+    return result
+
+
+def _stage_order(run: _Run, order: str) -> list[int]:
+    if order not in ORDERS:
+        raise ConfigError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    indices = list(range(len(run.teachers)))
+    accuracies = run.teacher_accuracies
+    if order == "ascending":
+        return sorted(indices, key=lambda k: accuracies[k])  # stable: equal accuracies keep the given order
+    if order == "descending":
+        return sorted(indices, key=lambda k: -accuracies[k])
+    return indices
+
+
+def _stage_epochs(epochs, count: int) -> list[int]:
+    if isinstance(epochs, int):
+        return [epochs] * count
+    epochs = list(epochs)
+    if len(epochs) != count:
+        raise ConfigError(f"give one epoch budget per teacher ({count}), or a single number; got {len(epochs)}")
+    return [int(e) for e in epochs]
+
+
+def _sequential(run: _Run, order: str, epochs) -> TransferResult:
+    started = time.perf_counter()
+    budgets = _stage_epochs(epochs, len(run.teachers))  # aligned with the teachers as given
+    sequence = _stage_order(run, order)
+    current, stages, history, offset, result = run.student, [], [], 0, None
+    for number, k in enumerate(sequence, 1):
+        teacher = run.teachers[k]
+        context = {"strategy": "sequential", "stage": number, "stage_teacher": _name(teacher)}
+        # A new transfer call is a new stage: a fresh optimiser, and `current` is both the student
+        # that trains on and, for DP, the frozen "original" it retains.
+        result = run.call_transfer(current, teacher, run.fresh_method(), context=context, epochs=budgets[k], eval_references={"first": run.first_predictions})
+        for epoch in result.history:
+            combined = {"epoch": offset + epoch["epoch"], "stage": number, "stage_epoch": epoch["epoch"], "stage_teacher": _name(teacher)}
+            combined.update({k2: v for k2, v in epoch.items() if k2 not in ("epoch", *STAGE_KEYS) and not k2.endswith("_vs_first")})
+            combined.update({f"stage_{key}": epoch[key] for key in STAGE_KEYS})
+            combined.update({key: epoch[f"{key}_vs_first"] for key in STAGE_KEYS})
+            history.append(combined)
+        offset += len(result.history)
+        final = result.history[-1]
+        stage_record = _without_history(result.metrics)
+        stage_record.update(stage=number, **{f"{key}_vs_first": final[f"{key}_vs_first"] for key in STAGE_KEYS})
+        stages.append(stage_record)
+        current = result.model
+    after = _predict(current, run.eval_set, run.settings.get("device", "cpu"))
+    record = _record(
+        run, "sequential", result.metrics, after, started,
+        epochs=budgets[0] if len(set(budgets)) == 1 else [budgets[k] for k in sequence],
+        total_epochs=offset,
+        order=order,
+        stage_teachers=[run.names[k] for k in sequence],
+        stages=stages,
+        history=history,
+    )
+    return TransferResult(current.module, record, history, current)
+
+
+def _match_reuse(run: _Run, reuse: Iterable[TransferResult] | None, settings_record: dict) -> dict[str, TransferResult]:
+    """Finished single-teacher results by teacher name, after checking they were made with this run's settings."""
+    matched: dict[str, TransferResult] = {}
+    for result in reuse or []:
+        record = result.metrics
+        teacher = record.get("teacher")
+        if teacher not in run.names:
+            raise ConfigError(f"a result to reuse comes from teacher {teacher!r}, which is not among the teachers ({', '.join(run.names)})")
+        for key in REUSE_SETTINGS:
+            if key == "teacher":
+                continue
+            if record.get(key) != settings_record.get(key):
+                raise ConfigError(f"the result to reuse for teacher {teacher} has {key}={record.get(key)!r} but this soup uses {settings_record.get(key)!r}; reuse only results made with the same settings")
+        if record.get("strategy") is not None:
+            raise ConfigError(f"the result to reuse for teacher {teacher} is itself a {record['strategy']} result; soup ingredients are single-teacher transfers")
+        matched[teacher] = result
+    return matched
+
+
+def _soup_settings(run: _Run) -> dict:
+    """The record fields a single-teacher ingredient made by this run would have, for comparing reused results."""
+    settings = run.settings
+    return {
+        "student": _name(run.student),
+        "method": run.method.name,
+        "hparams": run.method.describe(),
+        "epochs": settings["epochs"],
+        "lr": settings["lr"] if settings["lr"] is not None else run.method.default_lr,
+        "batch_size": settings["batch_size"],
+        "momentum": settings["momentum"],
+        "weight_decay": settings["weight_decay"],
+        "seed": settings["seed"],
+        "transfer_data": run.transfer_set.name,
+        "eval_data": run.eval_set.name,
+    }
+
+
+def _soup(run: _Run, reuse, recalibrate_bn: bool) -> TransferResult:
+    started = time.perf_counter()
+    expected = _soup_settings(run)
+    reused = _match_reuse(run, reuse, expected)
+    ingredients: list[TransferResult] = []
+    for number, teacher in enumerate(run.teachers, 1):
+        name = _name(teacher)
+        if name in reused:
+            ingredients.append(reused[name])
+            continue
+        ingredients.append(run.call_transfer(run.student, teacher, run.fresh_method(), context={"strategy": "soup", "ingredient": number, "ingredient_teacher": name}))
+    device = run.settings.get("device", "cpu")
+    module = average_weights([result.student for result in ingredients]).to(device)
+    student = run.student
+    soup = Model(module, student.name, student.preprocess, student.family, student.spec)
+    recalibrated = recalibrate_batch_norm(soup, run.transfer_set, run.settings["batch_size"], device) if recalibrate_bn else 0
+    soup.module.eval()
+    after = _predict(soup, run.eval_set, device)
+    ingredient_records = []
+    for result in ingredients:
+        ingredient = dict(result.metrics)
+        ingredient["reused"] = any(result is r for r in reused.values())
+        ingredient_records.append(ingredient)
+    record = _record(
+        run, "soup", ingredients[0].metrics, after, started,
+        recalibrate_bn=recalibrate_bn,
+        recalibrated_bn_layers=recalibrated,
+        reused_ingredients=sum(1 for r in ingredient_records if r["reused"]),
+        ingredients=ingredient_records,
+    )
+    return TransferResult(module, record, [], soup)
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def transfer_multi(
+    student,
+    teachers: Sequence,
+    transfer_data,
+    eval_data,
+    method: str | Method = "kl_dp",
+    *,
+    strategy: str = "parallel",
+    order: str = "ascending",
+    recalibrate_bn: bool = False,
+    reuse: Iterable[TransferResult] | None = None,
+    epochs: int | Sequence[int] = 3,
+    lr: float | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 1e-3,
+    momentum: float = 0.9,
+    targets: str = "cached",
+    device: str = "cpu",
+    cache: PredictionCache | None = None,
+    class_names: Sequence[str] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    **hparams,
+) -> TransferResult:
+    """Transfer from several ``teachers`` into a copy of ``student`` with one of the strategies.
+
+    ``strategy``: ``parallel`` (one run; per sample the most confident of the original student
+    and all teachers is the target; needs ``kl_dp``), ``sequential`` (one stage per teacher,
+    ordered by teacher accuracy on ``eval_data`` per ``order``: ascending, descending or given;
+    ``epochs`` may list one budget per teacher, in the order given) or ``soup`` (one transfer per
+    teacher, weights averaged; ``recalibrate_bn`` recomputes batch-norm statistics on the
+    transfer data; ``reuse`` takes finished single-teacher results with the same settings).
+    Every other argument means what it means in :func:`ktransfer.transfer`; ``on_epoch``
+    records also carry the stage or ingredient they belong to.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if order != "ascending" and strategy != "sequential":
+        raise ConfigError(f"order applies to the sequential strategy only (strategy is {strategy})")
+    if recalibrate_bn and strategy != "soup":
+        raise ConfigError(f"recalibrate_bn applies to the soup strategy only (strategy is {strategy})")
+    if reuse and strategy != "soup":
+        raise ConfigError(f"reuse applies to the soup strategy only (strategy is {strategy})")
+    if not isinstance(epochs, int) and strategy != "sequential":
+        raise ConfigError("one epoch budget per teacher applies to the sequential strategy only; give a single number")
+    settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "device": device}
+    run = _prepare(student, teachers, transfer_data, eval_data, method, hparams, settings, cache, class_names, on_epoch)
+    if strategy == "parallel":
+        return _parallel(run)
+    if strategy == "sequential":
+        return _sequential(run, order, epochs)
+    return _soup(run, reuse, recalibrate_bn)
