@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from .options import data_dir_option
+
+
+@main.command("study")
+@click.argument("config", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Study folder (default: ./NAME, NAME from the config; for a folder given as CONFIG, that folder).")
+@click.option("--status", "show_status", is_flag=True, help="Only show how many runs are done, failed, interrupted and still to do, and the errors of the failed ones.")
+@click.option("--retry-failed", is_flag=True, help="Run the failed runs again (by default they stay recorded as failed and are skipped).")
+@click.option("--device", default=None, help="Torch device for the runs, e.g. cuda (default: the config's, else cpu).")
+@data_dir_option
+def study_command(config, out, show_status, retry_failed, device, data_dir):
+    """Run a study: every student × teacher × method × seed of CONFIG, stored run by run.
+
+    CONFIG is a YAML (or JSON) file, or a study folder (it keeps a copy of its config). Each
+    finished run is committed at once to study.db in the folder, so running the same command
+    again continues where it stopped: finished runs are skipped, an interrupted one is redone,
+    failed ones stay recorded with their error. Results: results.csv and results.jsonl in the
+    folder, `ktransfer report FOLDER`, or ktransfer.study.load_results(FOLDER) in Python.
+
+    Example: ktransfer study examples/zoo-study.yaml --out zoo-study
+    """
+    from rich.console import Console
+
+    from ..study import Study
+
+    study = Study.open(config, out, data_dir=data_dir)
+    console = Console(highlight=False)
+    if show_status:
+        print_status(console, study.status())
+        return
+    status = study.run(retry_failed=retry_failed, log=console.print, device=device)
+    print_status(console, status)
+    console.print(f"Report: ktransfer report {study.folder}")
+
+
+def print_status(console, status: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Study in {status['folder']}" + (" (a process is running it now)" if status["active"] else ""))
+    for column in ("phase", "planned", "done", "failed", "interrupted", "remaining"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase, counts in status["phases"].items():
+        if counts["planned"] == 0:
+            continue
+        remaining = counts["pending"] + counts["running"]
+        table.add_row(phase, str(counts["planned"]), str(counts["done"]), str(counts["failed"]), str(counts["running"]), str(remaining))
+    console.print(table)
+    if status["waiting_for_search"]:
+        console.print(f"{status['waiting_for_search']} study runs wait for the hyperparameter search to pick their setting")
+    if status["failed_runs"]:
+        failures = Table(title="Failed runs (rerun them with --retry-failed)")
+        for column in ("phase", "method", "teacher → student", "seed", "error"):
+            failures.add_column(column)
+        for run in status["failed_runs"]:
+            failures.add_row(run["phase"], run["method"], f"{run['teacher']} → {run['student']}", str(run["seed"]), run["error"] or "")
+        console.print(failures)
