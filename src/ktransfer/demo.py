@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .api import transfer
 from .data import fashion_mnist
-from .errors import ConfigError
+from .analysis import analyze_predictions
+from .errors import ConfigError, KTransferError
 from .methods import create_method
 from .metrics import accuracy, flip_matrices
 from .models.store import DEFAULT_ZOO, load_zoo_model
@@ -93,7 +94,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
 
     matrix_names, positive, negative = flip_matrices(splits.eval.labels, predictions)
-    (out / "complementarity.json").write_text(json.dumps({"models": matrix_names, "positive_flips": positive.tolist(), "negative_flips": negative.tolist(), "n_eval": len(splits.eval)}, indent=2))
+    # The flip matrices plus per-class counts (the format of `ktransfer analyze --out`), for the report.
+    analyze_predictions(splits.eval.labels, predictions, splits.eval.class_names).save(out / "complementarity.json")
     console.print(tables.flip_matrix_table(matrix_names, positive, len(splits.eval)))
 
     results_path = out / "results.jsonl"
@@ -137,7 +139,23 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     timing = {"zoo_seconds": zoo_seconds, "transfer_seconds": transfer_seconds, "total_seconds": time.perf_counter() - started}
     (out / "summary.json").write_text(json.dumps({"options": _jsonable(options), "methods": summary, "timing": timing}, indent=2, default=str))
     console.print(f"zoo {zoo_seconds:.0f}s, transfers {transfer_seconds:.0f}s, total {timing['total_seconds']:.0f}s. Results: [bold]{results_path}[/]")
+    write_report(out, console)
     return {"records": records, "summary": summary, "zoo": zoo_rows, "timing": timing, "out": out}
+
+
+def write_report(out: Path, console: Console) -> None:
+    """End with the HTML report where the report extra is installed; otherwise say how to get it."""
+    from .report import build_report, report_available
+
+    if not report_available():
+        console.print(f"For an HTML report of these results: pip install 'ktransfer[report]', then ktransfer report {out}")
+        return
+    try:
+        report = build_report(out)
+    except KTransferError as exc:  # the results are saved already; a report problem must not hide them
+        console.print(f"[yellow]No report: {exc}[/]")
+        return
+    console.print(f"Report: [bold]{report.html}[/] (open it in a browser; the figures are also saved as PNG beside it)")
 
 
 def _jsonable(options: DemoOptions) -> dict:

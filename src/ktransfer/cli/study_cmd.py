@@ -35,7 +35,7 @@ def study_command(config, out, show_status, retry_failed, device, data_dir):
     if show_status:
         print_status(console, study.status())
         return
-    status = study.run(retry_failed=retry_failed, log=console.print, device=device)
+    status = study.run(retry_failed=retry_failed, log=lambda line: console.print(line, soft_wrap=True), device=device)
     print_status(console, status)
     console.print(f"Report: ktransfer report {study.folder}")
 
