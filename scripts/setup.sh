@@ -15,6 +15,12 @@ if command -v apt-get >/dev/null && ! dpkg -s dataset-fashion-mnist >/dev/null 2
   (as_root apt-get update -qq && as_root apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
     || echo "could not install dataset-fashion-mnist; run 'ktransfer data download' or set KTRANSFER_FASHION_MNIST" >&2
 fi
+# The test suite opens the HTML report in a headless browser.
+if [[ "${1:-}" == "--test" ]] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
+  echo "installing Debian's chromium (the report's rendering test)" >&2
+  (as_root apt-get update -qq && as_root apt-get install -y -qq chromium >/dev/null) \
+    || echo "could not install chromium; the report's rendering test fails without it when CI=true" >&2
+fi
 
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
