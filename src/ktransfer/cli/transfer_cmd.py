@@ -6,12 +6,16 @@ from pathlib import Path
 import click
 
 from . import main
+from .data_options import data_options, echo_preprocessing, load_cli_data
 from .options import data_dir_option, parse_params
 
 
 @main.command("transfer")
-@click.option("--student", required=True, help="Student model spec, e.g. zoo:cnn.")
-@click.option("--teacher", required=True, help="Teacher model spec, e.g. zoo:mlp.")
+@click.option("--student", required=True, help="Student model spec: zoo:cnn, timm:NAME[?pretrained=false&file=W], torchvision:NAME, package.module:factory, or a checkpoint path.")
+@click.option("--teacher", required=True, multiple=True, help="Teacher model spec, e.g. zoo:mlp. Repeat it, with --strategy, to transfer from several teachers.")
+@click.option("--strategy", type=click.Choice(["parallel", "sequential", "soup"]), default=None, help="How to use several teachers. parallel: one run, each sample learns from the most confident of the original student and the teachers (needs kl_dp); sequential: one stage of --epochs per teacher, fresh optimiser each, the stage's start as the retain target; soup: one transfer per teacher, then the students' weights averaged.")
+@click.option("--order", type=click.Choice(["ascending", "descending", "given"]), default=None, help="sequential: teachers by accuracy on the evaluation data, weakest first (ascending, the default), strongest first, or as given.")
+@click.option("--recalibrate-bn", is_flag=True, help="soup: recompute batch-norm statistics on the transfer data after averaging.")
 @click.option("--method", default="kl_dp", show_default=True, help="Transfer method (see `ktransfer methods`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A hyperparameter of the method; repeat for several.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
@@ -21,35 +25,110 @@ from .options import data_dir_option, parse_params
 @click.option("--targets", type=click.Choice(["cached", "online"]), default="cached", show_default=True, help="cached: teacher outputs computed once over the transfer set; online: a teacher forward pass per batch.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
 @data_dir_option
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, out, data_dir):
-    """Transfer knowledge from one teacher into one student and evaluate it.
+@data_options
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, out, data_dir, strategy, order, recalibrate_bn, **data):
+    """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
+
+    Several teachers: ktransfer transfer --student zoo:vit --teacher zoo:mlp --teacher zoo:cnn --teacher zoo:resnet
+    --strategy sequential --lr 1e-3 --out runs/vit-3 (see docs/multi-teacher.md)
+
+    Own models and data: ktransfer transfer --student timm:resnet18 --teacher timm:vit_small_patch16_224
+    --data folder:imagenet --subset 0.1 --out runs/r18-vits (see docs/models-and-data.md)
     """
     from ..api import transfer
-    from ..data import fashion_mnist
     from ..methods import create_method
     from ..models import load_model
     from ..predictions import PredictionCache
     from ..results import append_record
 
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
-    splits = fashion_mnist.load(data_dir)
+    teachers, teacher = list(teacher), teacher[0]
+    _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
-    click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(splits.transfer):,} images")
+    teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
+    transfer_set, eval_set = load_cli_data([student_model, *teacher_models], out, data_dir, **data)
+    if strategy is not None:
+        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, order=order, recalibrate_bn=recalibrate_bn)
+        return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
+    click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}), evaluated on {len(eval_set):,}")
+    echo_preprocessing([student_model, teacher_model])
 
     def on_epoch(record):
         click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
 
     result = transfer(
-        student_model, teacher_model, splits.transfer, splits.eval, method=method_obj, epochs=epochs, lr=lr,
+        student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
         batch_size=batch_size, seed=seed, targets=targets, cache=PredictionCache(), on_epoch=on_epoch,
     )
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
-    name = f"{student}-from-{teacher}-{method}".replace(":", "_").replace("/", "_")
+    name = f"{student}-from-{teacher}-{method}".replace(":", "_").replace("/", "_").replace("?", "_").replace("&", "_").replace("=", "-")
     weights = result.save_student(out / f"{name}.safetensors")
     m = result.metrics
     click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}))
+    click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
+
+
+def _check_strategy_options(teachers, strategy, order, recalibrate_bn, method) -> None:
+    """Option mistakes fail here, before any model is loaded."""
+    from ..errors import ConfigError
+    from ..multi import check_parallel_method
+
+    if strategy is None and len(teachers) > 1:
+        raise ConfigError(f"{len(teachers)} teachers given: say how to combine them with --strategy parallel, sequential or soup")
+    if order is not None and strategy != "sequential":
+        raise ConfigError("--order applies to --strategy sequential only")
+    if recalibrate_bn and strategy != "soup":
+        raise ConfigError("--recalibrate-bn applies to --strategy soup only")
+    if strategy == "parallel":
+        check_parallel_method(method, len(teachers))
+
+
+def _transfer_from_several(student_model, teacher_models, method, strategy, transfer_set, eval_set, out, settings) -> None:
+    from ..multi import transfer_multi
+    from ..predictions import PredictionCache
+    from ..results import append_record
+
+    student, teachers = student_model.spec or student_model.name, [t.spec or t.name for t in teacher_models]
+    epochs = settings["epochs"]
+    click.echo(f"{method.name}, {strategy}: {' + '.join(teachers)} → {student}, {epochs} epochs per teacher on {len(transfer_set):,} images, evaluated on {len(eval_set):,}")
+
+    def on_epoch(record):
+        where = ""
+        if "stage" in record:
+            where = f"stage {record['stage']} ({record['stage_teacher']}) "
+        elif "ingredient" in record:
+            where = f"ingredient {record['ingredient']} ({record['ingredient_teacher']}) "
+        line = f"  {where}epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}"
+        if "delta_vs_first" in record:
+            line += f"  Δ since the first student {record['delta_vs_first']:+.2f}"
+        shares = [record[f"share_{k}"] for k in range(len(teacher_models) + 1) if f"share_{k}" in record]
+        if len(shares) > 2:
+            line += "  routed: " + " / ".join(f"{share:.0%}" for share in shares)
+        click.echo(f"{line}  ({record['seconds']:.1f}s)")
+
+    result = transfer_multi(
+        student_model, teacher_models, transfer_set, eval_set, method, strategy=strategy, order=settings["order"] or "ascending",
+        recalibrate_bn=settings["recalibrate_bn"], epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
+        targets=settings["targets"], cache=PredictionCache(), on_epoch=on_epoch,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    append_record(out / "results.jsonl", result.metrics)
+    name = f"{student}-from-{'+'.join(teachers)}-{strategy}-{method.name}"
+    for character, replacement in ((":", "_"), ("/", "_"), ("?", "_"), ("&", "_"), ("=", "-")):
+        name = name.replace(character, replacement)
+    weights = result.save_student(out / f"{name}.safetensors")
+    m = result.metrics
+    summary = {k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}
+    if strategy == "parallel":
+        summary["routed_shares"] = m["routed_shares"]
+    elif strategy == "sequential":
+        summary["stage_deltas"] = {stage["teacher"]: stage["delta"] for stage in m["stages"]}
+    else:
+        summary["ingredient_deltas"] = {ingredient["teacher"]: ingredient["delta"] for ingredient in m["ingredients"]}
+        summary["recalibrated_bn_layers"] = m["recalibrated_bn_layers"]
+    click.echo(json.dumps(summary))
     click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")

@@ -72,6 +72,9 @@ def as_image_data(data, name: str, class_names: Sequence[str] | None = None) -> 
     """Accept an :class:`ImageData`, a pair ``(images, labels)`` or a ``Dataset`` of ``(image, label)``."""
     if isinstance(data, ImageData):
         return data
+    # Data streamed from disk (data.folder.FolderImageData) offers the same batches/labels/fingerprint.
+    if callable(getattr(data, "batches", None)) and callable(getattr(data, "fingerprint", None)) and hasattr(data, "class_names"):
+        return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         images, labels = data
     elif isinstance(data, Dataset):

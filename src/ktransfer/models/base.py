@@ -16,9 +16,10 @@ from ..errors import ModelError
 class Preprocess:
     """How one model wants its input: every model gets the same image prepared its own way.
 
-    uint8 images are scaled to [0, 1]; then resized to ``input_size`` (if set), channels
-    repeated to ``in_chans`` (greyscale to colour), and normalised with ``mean``/``std``.
-    The defaults leave float input untouched.
+    uint8 images are scaled to [0, 1]; then center-cropped to the fraction ``crop_pct`` of
+    their height and width (if set: timm's eval crop, applied to the square raw image), resized
+    to ``input_size`` (if set), channels repeated to ``in_chans`` (greyscale to colour), and
+    normalised with ``mean``/``std``. The defaults leave float input untouched.
     """
 
     mean: tuple[float, ...] = (0.0,)
@@ -26,9 +27,15 @@ class Preprocess:
     input_size: tuple[int, int] | None = None
     in_chans: int | None = None
     interpolation: str = "bilinear"
+    crop_pct: float | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if self.crop_pct is not None and self.crop_pct < 1:
+            height, width = x.shape[-2:]
+            crop_h, crop_w = max(1, round(height * self.crop_pct)), max(1, round(width * self.crop_pct))
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            x = x[..., top : top + crop_h, left : left + crop_w]
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
             x = F.interpolate(x, size=self.input_size, mode=self.interpolation, antialias=self.interpolation in ("bilinear", "bicubic"), align_corners=False if self.interpolation != "nearest" else None)
         if self.in_chans is not None and x.shape[1] != self.in_chans:

@@ -26,12 +26,27 @@ def _zoo(name: str, **options) -> Model:
 
 
 def load_model(spec: str, **options) -> Model:
-    """Resolve a model spec such as ``zoo:cnn``."""
+    """Resolve a model spec: ``zoo:cnn``, ``timm:NAME``, ``torchvision:NAME``, ``package.module:factory``,
+    or the path of a checkpoint that records its architecture (see ``models/sources.py``)."""
+    from .checkpoint import is_checkpoint_path
+    from .sources import PYTHON_MODULE
+
     scheme, sep, rest = spec.partition(":")
-    if not sep:
-        raise ModelError(f"model spec {spec!r} has no source; write it as SOURCE:NAME, e.g. zoo:cnn (sources: {', '.join(MODEL_SOURCES)})")
-    if scheme not in MODEL_SOURCES:
-        raise ModelError(f"unknown model source {scheme!r} in {spec!r}; known sources: {', '.join(MODEL_SOURCES)}")
-    model = MODEL_SOURCES[scheme](rest, **options)
+    if sep and scheme in MODEL_SOURCES:
+        model = MODEL_SOURCES[scheme](rest, **options)
+    elif is_checkpoint_path(spec):
+        model = MODEL_SOURCES["file"](spec, **options)
+    elif sep and rest and PYTHON_MODULE.fullmatch(scheme):  # package.module:factory; its "scheme" is a module path
+        model = MODEL_SOURCES["python"](spec, **options)
+    elif not sep:
+        raise ModelError(
+            f"model spec {spec!r} has no source and is no file; write it as SOURCE:NAME, e.g. zoo:cnn, timm:resnet50, "
+            f"package.module:factory, or give the path of a checkpoint (sources: {', '.join(MODEL_SOURCES)})"
+        )
+    else:
+        raise ModelError(f"unknown model source {scheme!r} in {spec!r}; known sources: {', '.join(MODEL_SOURCES)}, or package.module:factory")
     model.spec = spec
     return model
+
+
+from . import checkpoint, sources  # noqa: E402,F401  (register the timm, torchvision, python and file sources)

@@ -1,0 +1,78 @@
+"""The data options of the commands that train (transfer, adapt): which data, which subset, how to read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ModelError
+
+SUBSET_INDEX_FILE = "transfer-subset.json"
+
+
+def data_options(command):
+    """Add --data, --transfer-data/--eval-data, the subset options and the folder-reading options."""
+    options = [
+        click.option("--data", "data_spec", default=None, metavar="SPEC", help="fashion-mnist (the default) or folder:PATH, where PATH holds train/ (transfer) and val/ (evaluation), one subfolder per class."),
+        click.option("--transfer-data", default=None, metavar="SPEC", help="Transfer (training) data on its own: folder:PATH of class subfolders, or fashion-mnist[:transfer|test|pool]."),
+        click.option("--eval-data", default=None, metavar="SPEC", help="Evaluation data on its own, as --transfer-data; its classes must be among the transfer data's."),
+        click.option("--subset", default=None, metavar="FRACTION|INDEX.json", help=f"Train on a stratified subset of the transfer data: a fraction per class (the paper: 0.1), or a saved index to reuse. The index is saved as {SUBSET_INDEX_FILE} in --out."),
+        click.option("--subset-per-class", type=click.IntRange(min=1), default=None, metavar="N", help="Stratified subset with N images of each class (all of a class that has fewer)."),
+        click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of the subset draw."),
+        click.option("--image-size", type=click.IntRange(min=8), default=None, help="Side of the square raw images a folder is decoded to (shorter side resized, center crop); each model then resizes its own way. Default: the largest any model needs."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Processes that decode image files (default: up to 8, one per core)."),
+        click.option("--skip-corrupt", is_flag=True, help="Leave out (and list) images that cannot be read, instead of stopping with their names."),
+        click.option("--stream/--in-memory", "stream", default=None, help="Decode folder images per batch from disk, or hold them all in memory. Default: in memory when they take at most 4 GiB."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, transfer_data=None, eval_data=None, subset=None, subset_per_class=None, subset_seed=0, image_size=None, workers=None, skip_corrupt=False, stream=None, subset_role="transfer", index_file=SUBSET_INDEX_FILE):
+    """Transfer and evaluation data for ``models``: the raw image size and channels follow their preprocessing."""
+    from ..data.sources import choose_subset, materialize, open_sources, raw_channels, raw_image_size
+
+    if data_spec is None and (transfer_data is None or eval_data is None):
+        data_spec = "fashion-mnist"
+    transfer, evaluation = open_sources(data_spec, transfer_data, eval_data, data_dir)
+    index_path = out / index_file if out is not None else None
+    transfer, record = choose_subset(transfer, subset, subset_per_class, subset_seed, index_path)
+    if record is not None:
+        click.echo(f"{subset_role} subset: {record['n_subset']:,} of {record['n_total']:,} images; index saved to {index_path}")
+    preprocesses = [model.preprocess for model in models]
+    size, channels = raw_image_size(preprocesses, image_size), raw_channels(preprocesses)
+
+    def log(message):
+        click.echo(f"Warning: {message}", err=True)
+
+    options = dict(workers=workers, skip_corrupt=skip_corrupt, in_memory=None if stream is None else not stream, log=log)
+    transfer_set, eval_set = materialize(transfer, size, channels, **options), materialize(evaluation, size, channels, **options)
+    for model in models:
+        names = getattr(model, "class_names", None)
+        if names and list(names) != list(transfer_set.class_names):
+            raise ModelError(
+                f"{model.spec or model.name} was adapted to the classes {_short(names)}, but the data has {_short(transfer_set.class_names)}; "
+                f"adapt it to this data with 'ktransfer adapt'"
+            )
+    return transfer_set, eval_set
+
+
+def _short(names) -> str:
+    names = list(names)
+    return ", ".join(names[:4]) + (f", ... ({len(names)} classes)" if len(names) > 4 else "")
+
+
+def echo_preprocessing(models) -> None:
+    """One line per model: how it sees the images (each model its own way)."""
+    for model in models:
+        p = model.preprocess
+        size = f"{p.input_size[0]}x{p.input_size[1]}" if p.input_size else "as given"
+        crop = f", crop {p.crop_pct:g}" if p.crop_pct else ""
+        click.echo(f"  {model.spec or model.name}: input {size}{crop}, {p.interpolation}, mean {_numbers(p.mean)}, std {_numbers(p.std)}")
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+

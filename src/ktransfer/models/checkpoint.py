@@ -1,0 +1,191 @@
+"""Weights on disk: read them safely, write them with the architecture they belong to.
+
+Reading never runs code from the file: safetensors, or ``torch.load(weights_only=True)``, which
+accepts tensors and plain containers only. A pickle that needs more (a whole pickled model, an
+optimiser with custom classes, or a malicious payload) is refused with an explanation.
+
+A checkpoint written by ktransfer (``ktransfer adapt``, :func:`save_checkpoint`) records in its
+safetensors metadata the spec that builds its architecture, its class count and names, and the
+preprocessing, so its path alone is a model spec. A student saved by ``ktransfer transfer``
+records the student's spec, which serves the same purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ModelError
+from .base import Model, Preprocess
+from .registry import load_model, register_source
+
+METADATA_KEY = "ktransfer.model"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# Keys under which training scripts commonly nest the model's weights.
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, loaded without executing anything from it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as exc:  # noqa: BLE001 - any failure means the file is not usable safetensors
+            raise ModelError(f"{path} is not a readable safetensors file ({exc}); write it again with safetensors.torch.save_file") from exc
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"refusing to load {path}: it is a pickle that holds more than tensors ({str(exc).splitlines()[0][:160]}), and unpickling it "
+            f"could run arbitrary code. If you trust it, extract its weights once in Python: "
+            f"torch.save(torch.load(PATH, weights_only=False).state_dict(), 'weights.pt') (or save them with safetensors)"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file at all, ...
+        raise ModelError(f"could not read weights from {path} ({type(exc).__name__}: {exc}); expected safetensors or a torch.save file of tensors") from exc
+    return _unwrap_state_dict(loaded, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj and not all(torch.is_tensor(v) for v in obj.values()):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                return _unwrap_state_dict(obj[key], path)
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise ModelError(f"{path} holds no state dict (a mapping of names to tensors, possibly under one of {', '.join(NESTED_KEYS)}); found {type(obj).__name__}")
+    # Weights saved from DataParallel/DDP carry a "module." prefix on every name.
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module``; a classification layer of another size is refitted first."""
+    from .sources import classifier_name, fit_head
+
+    head = classifier_name(module)
+    own = module.state_dict()
+    weight_key = f"{head}.weight" if head else None
+    if weight_key and weight_key in state and weight_key in own and state[weight_key].shape != own[weight_key].shape:
+        fit_head(module, int(state[weight_key].shape[0]))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        own_keys, file_keys = set(module.state_dict()), set(state)
+        missing, unexpected = sorted(own_keys - file_keys), sorted(file_keys - own_keys)
+        detail = f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}" if missing or unexpected else str(exc).splitlines()[-1].strip()
+        raise ModelError(f"the weights in {source} do not fit {type(module).__name__} ({detail}); check that the spec names the architecture the weights were trained with") from exc
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def checkpoint_info(model: Model, class_names: list[str] | None = None, **extra) -> dict:
+    """What a checkpoint records so that its path alone rebuilds the model."""
+    from .sources import architecture_spec
+
+    architecture = getattr(model, "architecture", None) or architecture_spec(model.spec)
+    if not architecture:
+        raise ModelError(f"{model.name}: cannot record its architecture (it has no spec); load it through a model spec to save it as a checkpoint")
+    return {
+        "architecture": architecture,
+        "num_classes": model.num_classes,
+        "class_names": list(class_names) if class_names is not None else getattr(model, "class_names", None),
+        "preprocess": dataclasses.asdict(model.preprocess),
+        "name": model.name,
+        "family": model.family,
+        **extra,
+    }
+
+
+def save_checkpoint(model: Model, path: str | Path, class_names: list[str] | None = None, **extra) -> Path:
+    """Write the weights as safetensors with everything :func:`load_checkpoint` needs."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"checkpoints are written as safetensors; name the file *.safetensors (got {path.name})")
+    info = checkpoint_info(model, class_names, **extra)
+    # clone(): safetensors refuses tensors that share storage (tied weights)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, tmp, metadata={METADATA_KEY: json.dumps(info)})
+    tmp.replace(path)
+    return path
+
+
+def _build_architecture(spec: str) -> Model:
+    scheme, _, name = spec.partition(":")
+    if scheme == "zoo":  # the zoo's weights would be trained on first use; the checkpoint brings its own
+        from .store import DEFAULT_ZOO, FASHION_MNIST_PREPROCESS, build
+        from .zoo import ZOO_ARCHITECTURES
+
+        arch = DEFAULT_ZOO[name].arch if name in DEFAULT_ZOO else name
+        if arch not in ZOO_ARCHITECTURES:
+            raise ModelError(f"unknown zoo architecture {name!r} recorded in the checkpoint")
+        return Model(build(arch), name, FASHION_MNIST_PREPROCESS, ZOO_ARCHITECTURES[arch][0], spec)
+    return load_model(spec)
+
+
+def load_checkpoint(path: str | Path, **overrides) -> Model:
+    """A model from a checkpoint that records its architecture (see the module docstring)."""
+    from .sources import apply_preprocess_options, architecture_spec
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    metadata = read_metadata(path)
+    if METADATA_KEY in metadata:
+        info = json.loads(metadata[METADATA_KEY])
+    elif metadata.get("student") not in (None, "", "None"):  # a student saved by `ktransfer transfer`
+        info = {"architecture": metadata["student"]}
+    else:
+        raise ModelError(
+            f"{path} does not record which architecture it holds; name the architecture and point it at the file, "
+            f"e.g. timm:NAME?file={path}, torchvision:NAME?file={path} or package.module:factory?file={path}"
+        )
+    architecture = info["architecture"]
+    # A student of a transfer may itself come from a checkpoint: that file rebuilds the architecture.
+    model = load_checkpoint(architecture) if is_checkpoint_path(architecture) else _build_architecture(architecture_spec(architecture))
+    load_weights(model.module, read_state_dict(path), str(path))
+    model.module.eval()
+    preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()}) if info.get("preprocess") else model.preprocess
+    model.preprocess = apply_preprocess_options(preprocess, overrides, str(path))
+    model.name = info.get("name") or path.stem
+    model.family = info.get("family") or model.family
+    model.architecture = getattr(model, "architecture", None) or architecture_spec(architecture)
+    model.class_names = info.get("class_names")
+    model._fingerprint = None
+    return model
+
+
+def is_checkpoint_path(spec: str) -> bool:
+    """A bare path to a weights file (no source prefix needed)."""
+    path = spec.partition("?")[0]
+    return Path(path).suffix in WEIGHT_SUFFIXES or Path(path).expanduser().is_file()
+
+
+@register_source("file")
+def file_model(rest: str, **_) -> Model:
+    """``file:PATH`` (or a bare PATH): a checkpoint that records its architecture."""
+    from .sources import split_options
+
+    path, options = split_options(rest, f"file:{rest}")
+    return load_checkpoint(path, **options)
