@@ -117,10 +117,17 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
+def _require_file(folder: Path, stem: str) -> Path:
+    path = _find_file(folder, stem)
+    if path is None:
+        raise DataError(f"Fashion-MNIST folder {folder} lacks {stem} (.gz or plain); {_how_to_get_it()}")
+    return path
+
+
 def read_split(folder: Path, split: str) -> ImageData:
     prefix = "train" if split == "train" else "test"
-    images = _read_idx(_find_file(folder, FILES[f"{prefix}_images"]), 3)
-    labels = _read_idx(_find_file(folder, FILES[f"{prefix}_labels"]), 1)
+    images = _read_idx(_require_file(folder, FILES[f"{prefix}_images"]), 3)
+    labels = _read_idx(_require_file(folder, FILES[f"{prefix}_labels"]), 1)
     if len(images) != len(labels) or len(images) != EXPECTED_COUNT[split]:
         raise DataError(
             f"Fashion-MNIST {split} split in {folder} has {len(images)} images and {len(labels)} labels; "

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ktransfer.cli import main
+from ktransfer.results import REQUIRED_KEYS, read_records
+
+
+def run(*args):
+    return CliRunner(env={"COLUMNS": "200"}).invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["transfer"], ["methods"], ["data"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_methods_lists_hyperparameters():
+    result = run("methods")
+    assert result.exit_code == 0
+    for text in ("kl_dp", "temperature", "supervised", "routing"):
+        assert text in result.output
+
+
+def test_transfer_writes_record_and_student(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "run"
+    result = run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl_dp", "--epochs", "2", "--lr", "1e-3", "--out", out, "--data-dir", small_fashion_mnist, "--param", "temperature=2")
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert set(REQUIRED_KEYS) <= set(record)
+    assert record["student"] == "zoo:cnn" and record["teacher"] == "zoo:mlp" and record["epochs"] == 2 and record["hparams"]["temperature"] == 2.0
+    assert len(record["history"]) == 2
+    assert list(out.glob("*.safetensors"))
+
+
+def test_transfer_bad_input(small_fashion_mnist, tiny_zoo, tmp_path):
+    base = ["transfer", "--out", tmp_path / "x", "--data-dir", small_fashion_mnist]
+    one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:nope"), "unknown zoo model 'nope'")
+    one_line_error(run(*base, "--student", "cnn", "--teacher", "zoo:mlp"), "SOURCE:NAME")
+    one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "magic"), "unknown method 'magic'")
+    one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--param", "temperature=-1"), "temperature")
+    one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--param", "oops"), "KEY=VALUE")
+    one_line_error(run("transfer", "--out", tmp_path / "x", "--data-dir", tmp_path / "missing", "--student", "zoo:cnn", "--teacher", "zoo:mlp"), "does not exist")
+
+
+def test_demo_bad_input(small_fashion_mnist, tmp_path):
+    one_line_error(run("demo", "--methods", "kl,nope", "--out", tmp_path, "--data-dir", small_fashion_mnist), "unknown method 'nope'")
+    one_line_error(run("demo", "--students", "cnn,alexnet", "--out", tmp_path, "--data-dir", small_fashion_mnist), "alexnet")
+    one_line_error(run("demo", "--out", tmp_path, "--data-dir", tmp_path / "missing"), "does not exist")
+
+
+def test_demo_end_to_end_and_resume(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--profile", "quick", "--students", "cnn,vit", "--teachers", "cnn,vit,mlp", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 2 * 2 * 2  # 2 students x 2 other teachers x 2 methods
+    assert {(r["student"], r["teacher"], r["method"]) for r in records} == {
+        (f"zoo:{s}", f"zoo:{t}", m) for s in ("cnn", "vit") for t in ("cnn", "vit", "mlp") if s != t for m in ("kl", "kl_dp")
+    }
+    for text in ("Zoo", "Complementary knowledge", "Per method", "success rate"):
+        assert text in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"kl", "kl_dp"}
+    zoo = json.loads((out / "zoo.json").read_text())
+    assert {row["name"] for row in zoo} == {"cnn", "vit", "mlp"}
+    # a second run reuses every finished transfer and appends nothing
+    again = run(*args)
+    assert again.exit_code == 0 and "reused 8 finished transfers" in again.output
+    assert len(read_records(out / "results.jsonl")) == 8
