@@ -1,0 +1,278 @@
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ktransfer.study as study_module
+from ktransfer.errors import ConfigError, TrainingError
+from ktransfer.study import DB_FILE, Study, StudyConfig, load_records, load_results, stratified_split
+
+
+def config_dict(data_dir, **overrides):
+    raw = {
+        "name": "tiny",
+        "students": ["zoo:mlp", "zoo:cnn"],
+        "methods": ["kl", "kl_dp"],
+        "epochs": 1,
+        "lr": 0.01,
+        "batch_size": 64,
+        "data": {"source": "fashion-mnist", "dir": str(data_dir), "transfer_size": 100, "eval_size": 100},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def make_study(tmp_path, data_dir, **overrides):
+    return Study(StudyConfig.from_dict(config_dict(data_dir, **overrides)), tmp_path / "study")
+
+
+def db_rows(folder, phase="study"):
+    connection = sqlite3.connect(folder / DB_FILE)
+    connection.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in connection.execute("SELECT * FROM runs WHERE phase = ? ORDER BY created, rowid", (phase,))]
+    finally:
+        connection.close()
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 0}, "epochs: must be at least 1"),
+        ({"epochs": "three"}, "epochs: expected a whole number"),
+        ({"colour": "red"}, "unknown key"),
+        ({"methods": ["no_such_method"]}, "unknown method 'no_such_method'"),
+        ({"methods": [{"name": "kl", "params": {"temperature": -1}}]}, "temperature"),
+        ({"methods": [{"name": "kl", "params": {"tau": 1}}]}, "unknown hyperparameter"),
+        ({"methods": ["kl", "kl"]}, "listed twice"),
+        ({"students": ["cnn"]}, "has no source"),
+        ({"students": []}, "'students' is missing"),
+        ({"search": {"holdout": 1.5}}, "strictly between 0 and 1"),
+        ({"data": "imagenet-on-the-moon"}, "unknown data source"),
+        ({"targets": "later"}, "cached or online"),
+    ],
+)
+def test_config_errors_say_what_to_fix(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        StudyConfig.from_dict(config_dict(tmp_path, **change))
+
+
+def test_config_grid_pairs_and_yaml_numbers(tmp_path):
+    yaml_text = """
+students: zoo:*
+teachers: [zoo:mlp, zoo:cnn]
+methods:
+  - kl
+  - name: kl_dp
+    lr: [1e-3, 1e-2]          # YAML reads 1e-3 as a string; a number is meant
+    params: {temperature: [1, 4]}
+seeds: [0, 1]
+"""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml_text)
+    config = StudyConfig.load(path)
+    assert config.name == "grid" and len(config.students) == 6
+    assert len(config.pairs()) == 6 * 2 - 2  # a model never teaches itself
+    assert [m.name for m in config.searched_methods()] == ["kl_dp"]
+    settings = config.settings(config.method("kl_dp"))
+    assert len(settings) == 4 and {s["lr"] for s in settings} == {1e-3, 1e-2}
+    assert config.settings(config.method("kl")) == [{"lr": 1e-4, "params": {}}]  # the paper's default lr
+    assert len(config.search_pairs()) == 3 and set(config.search_pairs()) <= set(config.pairs())
+
+
+def test_stratified_split_keeps_class_shares():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    chosen, rest = stratified_split(labels, 10, seed=3)
+    assert len(chosen) == 10 and len(rest) == 90
+    assert set(chosen.tolist()).isdisjoint(rest.tolist())
+    assert torch.bincount(labels[chosen], minlength=3).tolist() == [5, 3, 2]
+    again, _ = stratified_split(labels, 10, seed=3)
+    assert torch.equal(chosen, again)
+
+
+# ---------------------------------------------------------------- running
+
+
+def test_study_runs_every_combination_and_resumes_without_repeating(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
+    study = make_study(tmp_path, small_fashion_mnist)
+    status = study.run(log=lambda line: None)
+    assert status["phases"]["study"] == {"pending": 0, "running": 0, "done": 4, "failed": 0, "planned": 4}
+    rows = db_rows(study.folder)
+    assert sorted((r["student"], r["teacher"], r["method"]) for r in rows) == sorted(
+        (s, t, m) for s, t in [("zoo:mlp", "zoo:cnn"), ("zoo:cnn", "zoo:mlp")] for m in ("kl", "kl_dp")
+    )
+    for row in rows:
+        record, config = json.loads(row["record"]), json.loads(row["config"])
+        assert record["delta"] == pytest.approx(record["knowledge_gain"] - record["knowledge_loss"], abs=1e-9)
+        assert len(record["history"]) == 1 and record["n_eval"] == 100 and record["n_transfer"] == 100
+        assert config["lr"] == 0.01 and config["epochs"] == 1 and config["data"]["source"] == "fashion-mnist"
+    # Everything the report reads is there.
+    for name in ("results.jsonl", "results.csv", "zoo.json", "complementarity.json", "study.yaml"):
+        assert (study.folder / name).exists(), name
+    records = load_records(study.folder)
+    frame = load_results(study.folder)
+    assert len(frame) == 4 and list(frame["delta"]) == [r["delta"] for r in records]
+    assert set(frame["hparam_temperature"]) == {1.0}
+    assert (study.folder / "results.csv").read_text().count("\n") == 5
+
+    calls = []
+    monkeypatch.setattr(study_module, "transfer", lambda *a, **k: calls.append(1))
+    again = Study.open(study.folder)  # a study folder holds its own config
+    again.run(log=lambda line: None)
+    assert calls == [] and len(db_rows(study.folder)) == 4
+
+
+def test_a_failing_run_is_recorded_and_the_study_goes_on(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
+    real_transfer = study_module.transfer
+
+    def diverging(student, teacher, *args, **kwargs):
+        if student.spec == "zoo:cnn" and kwargs["method"].name == "kl":
+            raise TrainingError("kl: the loss became nan at epoch 1, step 2; lower the learning rate")
+        return real_transfer(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(study_module, "transfer", diverging)
+    study = make_study(tmp_path, small_fashion_mnist)
+    status = study.run(log=lambda line: None)
+    assert status["phases"]["study"]["done"] == 3 and status["phases"]["study"]["failed"] == 1
+    (failure,) = status["failed_runs"]
+    assert failure["student"] == "zoo:cnn" and failure["method"] == "kl" and "TrainingError: kl: the loss became nan" in failure["error"]
+    assert len(load_results(study.folder)) == 3
+    with_failed = load_results(study.folder, include_failed=True)
+    assert list(with_failed["status"]).count("failed") == 1
+
+    study.run(log=lambda line: None)  # failed runs stay failed unless asked
+    assert study.status()["phases"]["study"]["failed"] == 1
+    monkeypatch.setattr(study_module, "transfer", real_transfer)
+    status = study.run(retry_failed=True, log=lambda line: None)
+    assert status["phases"]["study"]["done"] == 4 and status["failed_runs"] == []
+    retried = [r for r in db_rows(study.folder) if r["student"] == "zoo:cnn" and r["method"] == "kl"]
+    assert retried[0]["attempts"] == 2 and retried[0]["error"] is None
+
+
+def test_a_real_nan_loss_fails_its_run_only(small_fashion_mnist, tiny_zoo, tmp_path):
+    study = make_study(tmp_path, small_fashion_mnist, methods=[{"name": "kl", "lr": 1e30}, "ce"])
+    status = study.run(log=lambda line: None)
+    failed = {(f["student"], f["method"]) for f in status["failed_runs"]}
+    assert failed == {("zoo:mlp", "kl"), ("zoo:cnn", "kl")}
+    assert all("TrainingError" in f["error"] and "lower the learning rate" in f["error"] for f in status["failed_runs"])
+    assert status["phases"]["study"]["done"] == 2
+
+
+def test_search_uses_held_out_transfer_data_and_picks_the_best_mean_delta(small_fashion_mnist, tiny_zoo, tmp_path):
+    study = make_study(
+        tmp_path, small_fashion_mnist, methods=[{"name": "kl_dp", "lr": [0.001, 0.05]}], search={"pairs": 2, "holdout": 0.25, "seed": 1},
+    )
+    study.run(log=lambda line: None)
+    search_rows = db_rows(study.folder, "search")
+    assert len(search_rows) == 4 and all(r["status"] == "done" for r in search_rows)
+    by_lr = {}
+    for row in search_rows:
+        record = json.loads(row["record"])
+        # Scored on 25% of the 100 transfer images, trained on the rest; the evaluation set is never touched.
+        assert record["n_eval"] == 25 and record["n_transfer"] == 75
+        assert "held-out" in record["eval_data"] and "test" not in record["eval_data"]
+        by_lr.setdefault(record["lr"], []).append(record["delta"])
+    best = max(by_lr, key=lambda lr: (statistics.fmean(by_lr[lr]), -lr))  # ties go to the first in the grid
+    study_rows = [json.loads(r["record"]) for r in db_rows(study.folder) if r["method"] == "kl_dp"]
+    assert len(study_rows) == 2 and {r["lr"] for r in study_rows} == {best}
+    assert all(r["n_eval"] == 100 for r in study_rows)
+    saved = json.loads((study.folder / "search.json").read_text())
+    assert [s["setting"]["lr"] for s in saved["methods"]["kl_dp"] if s["chosen"]] == [best]
+
+
+def test_load_results_reads_a_demo_folder(tmp_path):
+    from ktransfer.results import append_record
+
+    folder = tmp_path / "demo"
+    for delta in (1.5, -0.5):
+        append_record(folder / "results.jsonl", {"student": "zoo:cnn", "teacher": "zoo:mlp", "method": "kl", "delta": delta, "hparams": {"temperature": 1.0}, "history": [{"epoch": 1}]})
+    frame = load_results(folder)
+    assert list(frame["delta"]) == [1.5, -0.5] and "history" not in frame.columns and list(frame["hparam_temperature"]) == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- a real kill
+
+LAUNCHER = """
+import sys, time
+from ktransfer.data import fashion_mnist
+fashion_mnist.EXPECTED_COUNT.update(train=700, test=200)  # the test's small Fashion-MNIST look-alike
+fashion_mnist.POOL_SIZE, fashion_mnist.TRANSFER_SIZE = 500, 200
+from ktransfer.models import store
+store.DEFAULT_ZOO = {n: store.ZooRecipe(r.arch, r.seed, subset_size=200, epochs=1, lr=r.lr, batch_size=64) for n, r in store.DEFAULT_ZOO.items()}
+import ktransfer.study as study
+pace = float(sys.argv[1])
+if pace:  # hold each run open a moment so the kill lands in the middle of the study
+    real = study.transfer
+    def paced(*args, **kwargs):
+        result = real(*args, **kwargs)
+        time.sleep(pace)
+        return result
+    study.transfer = paced
+from ktransfer.cli import main
+main(sys.argv[2:], prog_name="ktransfer")
+"""
+
+
+def _done_count(db) -> int:
+    if not db.exists():
+        return 0
+    try:
+        connection = sqlite3.connect(db, timeout=1)
+        try:
+            return connection.execute("SELECT COUNT(*) FROM runs WHERE phase = 'study' AND status = 'done'").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def test_killed_study_resumes_with_no_duplicated_and_no_lost_runs(small_fashion_mnist, tmp_path):
+    config = tmp_path / "kill.json"
+    config.write_text(json.dumps(config_dict(small_fashion_mnist, name="kill")))
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    folder = tmp_path / "kill"
+    command = [sys.executable, str(launcher)]
+    args = ["study", str(config), "--out", str(folder)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    process = subprocess.Popen([*command, "0.5", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while _done_count(folder / DB_FILE) < 2:
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "the study did not finish two runs within a minute"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {r["key"]: r for r in db_rows(folder)}
+    finished_before = {k: r for k, r in before.items() if r["status"] == "done"}
+    assert 2 <= len(finished_before) < 4
+    assert any(r["status"] != "done" for r in before.values())
+
+    rerun = subprocess.run([*command, "0", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    after = db_rows(folder)
+    expected = {(s, t, m) for s, t in (("zoo:mlp", "zoo:cnn"), ("zoo:cnn", "zoo:mlp")) for m in ("kl", "kl_dp")}
+    assert len(after) == 4 and {(r["student"], r["teacher"], r["method"]) for r in after} == expected
+    assert all(r["status"] == "done" for r in after)
+    for row in after:
+        if row["key"] in finished_before:  # finished before the kill: kept, not run again
+            assert row["attempts"] == 1 and row["finished"] == finished_before[row["key"]]["finished"]
+            assert row["record"] == finished_before[row["key"]]["record"]
+    interrupted = [k for k, r in before.items() if r["status"] == "running"]
+    assert all(next(r for r in after if r["key"] == k)["attempts"] == 2 for k in interrupted)
+    if interrupted:
+        assert "redoing interrupted run" in rerun.stdout
+    lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and len({line["run_key"] for line in lines}) == 4
+    assert {(line["student"], line["teacher"], line["method"]) for line in lines} == expected
