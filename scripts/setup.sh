@@ -25,7 +25,11 @@ fi
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# The CPU build of torch is enough for everything here; set KTRANSFER_TORCH to pick another.
-.venv/bin/python -m pip install -q "${KTRANSFER_TORCH:-torch==2.13.0}"
+# The CPU build of torch is enough for the demo. The tests also run timm models, which need
+# torchvision, and this torchvision pairs with torch 2.14.1. Set KTRANSFER_TORCH to pick another.
+torch_requirement="torch==2.13.0"
+if [[ "${1:-}" == "--test" ]]; then torch_requirement="torch==2.14.1 torchvision==0.29.1"; fi
+# shellcheck disable=SC2086 # the requirement may name several packages
+.venv/bin/python -m pip install -q ${KTRANSFER_TORCH:-$torch_requirement}
 .venv/bin/python -m pip install -q -e "$extras"
 echo "ktransfer is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2
