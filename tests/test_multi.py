@@ -286,3 +286,64 @@ def test_batch_norm_recalibration_changes_running_statistics_and_nothing_else():
     state = {k: v.clone() for k, v in plain.state_dict().items()}
     assert recalibrate_batch_norm(Model(plain, "p"), data) == 0
     assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+
+
+# ---------------------------------------------------------------- command line and the Table-9 demo
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from ktransfer.cli import main
+
+    return CliRunner(env={"COLUMNS": "200"}).invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_transfer_command_with_several_teachers(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import REQUIRED_KEYS, read_records
+
+    base = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--teacher", "zoo:resnet", "--epochs", "1", "--lr", "1e-3", "--data-dir", small_fashion_mnist]
+    result = run_cli(*base, "--strategy", "soup", "--recalibrate-bn", "--method", "kl", "--out", tmp_path / "soup")
+    assert result.exit_code == 0, result.output
+    assert "ingredient 2 (zoo:resnet)" in result.output
+    (record,) = read_records(tmp_path / "soup" / "results.jsonl")
+    assert set(REQUIRED_KEYS) <= set(record)
+    assert record["strategy"] == "soup" and record["teachers"] == ["zoo:mlp", "zoo:resnet"] and record["teacher"] == "zoo:mlp+zoo:resnet"
+    assert [i["teacher"] for i in record["ingredients"]] == ["zoo:mlp", "zoo:resnet"] and record["recalibrate_bn"] is True
+    assert list((tmp_path / "soup").glob("*soup-kl.safetensors"))
+
+    result = run_cli(*base, "--strategy", "sequential", "--order", "given", "--out", tmp_path / "seq")
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(tmp_path / "seq" / "results.jsonl")
+    assert record["stage_teachers"] == ["zoo:mlp", "zoo:resnet"] and [h["epoch"] for h in record["history"]] == [1, 2]
+
+    def error(result, fragment):
+        assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith("Error: ") and fragment in result.output
+
+    error(run_cli(*base, "--out", tmp_path / "x"), "--strategy parallel, sequential or soup")
+    error(run_cli(*base, "--strategy", "parallel", "--method", "kl", "--out", tmp_path / "x"), "needs a data-partitioning method")
+    error(run_cli(*base, "--strategy", "soup", "--order", "descending", "--out", tmp_path / "x"), "--order applies to --strategy sequential only")
+
+
+def test_multi_teacher_demo(small_fashion_mnist, tiny_zoo, tmp_path):
+    import json
+
+    from ktransfer.results import read_records
+
+    result = run_cli("demo", "--multi-teacher", "--students", "resnet", "--teachers", "mlp,cnn", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    assert "Transfer from several teachers" in result.output
+    table = json.loads((tmp_path / "multi_teacher.json").read_text())
+    rows = {row["method"]: row for row in table["rows"]}
+    assert set(rows) == {"kl", "kl_dp"} and rows["kl"]["parallel"] is None and rows["kl_dp"]["parallel"] is not None
+    for row in rows.values():
+        deltas = list(row["single_deltas"].values())
+        assert row["single_min"] <= row["single_mean"] <= row["single_max"] and len(deltas) == 2
+        assert row["soup_bn"] is not None  # the resnet student has batch norm
+    records = read_records(tmp_path / "results.jsonl")
+    strategies = [r.get("strategy") for r in records]
+    assert strategies.count(None) == 4 and strategies.count("sequential") == 2 and strategies.count("parallel") == 1 and strategies.count("soup") == 4
+    soups = [r for r in records if r.get("strategy") == "soup"]
+    assert all(i["reused"] for r in soups for i in r["ingredients"])  # the single-teacher runs are the ingredients
+    error = run_cli("demo", "--multi-teacher", "--students", "cnn", "--teachers", "cnn,mlp", "--out", tmp_path / "x", "--data-dir", small_fashion_mnist)
+    assert error.exit_code != 0 and "cannot be both student and teacher" in error.output

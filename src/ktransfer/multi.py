@@ -183,7 +183,7 @@ def _name(model: Model) -> str:
     return model.spec or model.name
 
 
-def _prepare(student, teachers, transfer_data, eval_data, method, hparams, settings, cache, class_names, on_epoch) -> _Run:
+def _prepare(student, teachers, transfer_data, eval_data, method: Method, settings, cache, class_names, on_epoch) -> _Run:
     if not isinstance(teachers, (list, tuple)):
         raise ConfigError("teachers must be a list of models (nn.Module or ktransfer.Model); for one teacher use ktransfer.transfer")
     if not teachers:
@@ -194,10 +194,6 @@ def _prepare(student, teachers, transfer_data, eval_data, method, hparams, setti
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"teacher {duplicates[0]} is given more than once; name each teacher once")
-    if isinstance(method, str):
-        method = create_method(method, **hparams)
-    elif hparams:
-        raise ConfigError("pass hyperparameters either to create_method or here, not both")
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
     check_compatible(student_model, teacher_models, transfer_set, eval_set)
@@ -256,16 +252,19 @@ def _without_history(metrics: dict) -> dict:
 # ---------------------------------------------------------------- the strategies
 
 
-def _parallel(run: _Run) -> TransferResult:
-    method = run.method
+def check_parallel_method(method: Method, teachers: int) -> None:
+    """Parallel transfer needs a method that routes each sample among the original student and K teachers."""
     if not method.supports_multiple_teachers:
         raise ConfigError(
             f"the parallel strategy routes each sample to the most confident of the original student and the teachers, "
             f"which needs a data-partitioning method (kl_dp); {method.name} takes one teacher: use strategy sequential or soup"
         )
     routing = getattr(method.params, "routing", "confidence")
-    if routing != "confidence" and len(run.teachers) > 1:
+    if routing != "confidence" and teachers > 1:
         raise ConfigError(f"the parallel strategy needs kl_dp's routing 'confidence'; the ablation {routing!r} is defined for one teacher only")
+
+
+def _parallel(run: _Run) -> TransferResult:
     started = time.perf_counter()
     result = run.call_transfer(run.student, list(run.teachers), run.fresh_method(), context={"strategy": "parallel"})
     after = _predict(result.model, run.eval_set, run.settings.get("device", "cpu"))
@@ -462,8 +461,14 @@ def transfer_multi(
         raise ConfigError(f"reuse applies to the soup strategy only (strategy is {strategy})")
     if not isinstance(epochs, int) and strategy != "sequential":
         raise ConfigError("one epoch budget per teacher applies to the sequential strategy only; give a single number")
+    if isinstance(method, str):
+        method = create_method(method, **hparams)
+    elif hparams:
+        raise ConfigError("pass hyperparameters either to create_method or to transfer_multi, not both")
+    if strategy == "parallel":
+        check_parallel_method(method, len(teachers) if isinstance(teachers, (list, tuple)) else 1)
     settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "device": device}
-    run = _prepare(student, teachers, transfer_data, eval_data, method, hparams, settings, cache, class_names, on_epoch)
+    run = _prepare(student, teachers, transfer_data, eval_data, method, settings, cache, class_names, on_epoch)
     if strategy == "parallel":
         return _parallel(run)
     if strategy == "sequential":

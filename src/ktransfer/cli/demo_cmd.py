@@ -17,17 +17,22 @@ from .options import data_dir_option, split_list
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the transfer runs (the zoo has its own fixed seeds).")
 @click.option("--students", default=None, help="Comma-separated zoo models to use as students (default: the profile's).")
 @click.option("--teachers", default=None, help="Comma-separated zoo models to use as teachers (default: the whole zoo).")
+@click.option("--multi-teacher", is_flag=True, help="Run the multi-teacher table instead (appendix Table 9): per student, each single teacher's Δ (mean, min, max) beside sequential, parallel and soup transfer from all teachers. Default students cnn,resnet,mixer (quick: cnn,mixer), teachers mlp,convnext,vit; writes multi_teacher.json.")
 @data_dir_option
-def demo_command(profile, out, methods, epochs, lr, seed, students, teachers, data_dir):
+def demo_command(profile, out, methods, epochs, lr, seed, students, teachers, data_dir, multi_teacher):
     """Train (or reload) the embedded zoo, measure complementary knowledge, and transfer between every pair.
 
     Shows the paper's finding on Fashion-MNIST: plain KL distillation from a weaker teacher makes the
     student worse; KL+DP (data partitioning) keeps what the student knew and gains where the teacher helps.
     """
     from ..demo import DemoOptions, run_demo
+    from ..multi_demo import run_multi_teacher_demo
 
     options = DemoOptions(
         profile=profile, out=out, methods=split_list(methods) or [], epochs=epochs, lr=lr, seed=seed,
         students=split_list(students), teachers=split_list(teachers), data_dir=data_dir,
     )
+    if multi_teacher:
+        run_multi_teacher_demo(options)
+        return
     run_demo(options)

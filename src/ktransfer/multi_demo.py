@@ -1,0 +1,160 @@
+"""The multi-teacher study of appendix Table 9 on the embedded zoo (``ktransfer demo --multi-teacher``).
+
+For each student and method: the transfer delta of every single teacher (mean, min, max) beside
+sequential, parallel and soup transfer from all the teachers together. The single-teacher runs
+are the soup's ingredients. Computation lives in :func:`run_multi_teacher_demo`; the console only
+shows what it does.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import tables
+from .api import transfer
+from .data import fashion_mnist
+from .demo import DemoOptions, _jsonable, _progress
+from .errors import ConfigError
+from .methods import create_method
+from .metrics import accuracy
+from .models.store import load_zoo_model
+from .multi import batch_norm_layers, transfer_multi
+from .predictions import PredictionCache
+from .results import append_record
+
+# Students of three families and three teachers of three others, as the paper took three and three.
+MULTI_TEACHER_PROFILES = {
+    "full": {"students": ["cnn", "resnet", "mixer"], "teachers": ["mlp", "convnext", "vit"]},
+    "quick": {"students": ["cnn", "mixer"], "teachers": ["mlp", "convnext", "vit"]},
+}
+STRATEGY_COLUMNS = ("sequential", "parallel", "soup", "soup_bn")
+
+
+def resolve_multi_teacher(options: DemoOptions) -> DemoOptions:
+    if options.profile not in MULTI_TEACHER_PROFILES:
+        raise ConfigError(f"unknown profile {options.profile!r}; choose one of: {', '.join(MULTI_TEACHER_PROFILES)}")
+    profile = MULTI_TEACHER_PROFILES[options.profile]
+    options.students = options.students or list(profile["students"])
+    options.teachers = options.teachers or list(profile["teachers"])
+    options.resolve()
+    if len(options.teachers) < 2:
+        raise ConfigError(f"the multi-teacher table needs at least two teachers (the paper uses three); got {', '.join(options.teachers)}")
+    overlap = sorted(set(options.students) & set(options.teachers))
+    if overlap:
+        raise ConfigError(f"{', '.join(overlap)} cannot be both student and teacher in the multi-teacher table; choose --students and --teachers apart")
+    return options
+
+
+def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None) -> dict:
+    console = console or Console()
+    resolve_multi_teacher(options)
+    started = time.perf_counter()
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = fashion_mnist.load(options.data_dir)
+    console.print(f"[bold]Fashion-MNIST[/]: transfer set {len(splits.transfer):,}, evaluation set {len(splits.eval):,} images")
+
+    names = list(dict.fromkeys([*options.students, *options.teachers]))
+    models = {}
+    with _progress(console) as progress:
+        for name in names:
+            task = progress.add_task(f"zoo: {name}", total=None)
+            models[name] = load_zoo_model(name, options.data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
+    cache = PredictionCache()
+    zoo_rows = [
+        {"name": name, "family": models[name].family, "parameters": models[name].num_parameters, "accuracy": accuracy(splits.eval.labels, cache.predictions(models[name], splits.eval))}
+        for name in names
+    ]
+    console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
+
+    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache)
+    teachers = [models[name] for name in options.teachers]
+    results_path = out / "results.jsonl"
+    rows, records = [], []
+    runs_per_pair = len(options.teachers) * 2 + 3  # singles, sequential stages, parallel, soups
+    with _progress(console) as progress:
+        overall = progress.add_task("multi-teacher", total=len(options.students) * len(options.methods) * runs_per_pair)
+        for student_name in options.students:
+            student = models[student_name]
+            has_batch_norm = bool(batch_norm_layers(student.module))
+            for method in options.methods:
+                method_obj = create_method(method)
+                row = {"student": student_name, "family": student.family, "parameters": student.num_parameters, "method": method}
+
+                def keep(record: dict, label: str) -> None:
+                    append_record(results_path, record)
+                    records.append(record)
+                    progress.console.print(f"  {method:<6} {label:<24} → {student_name:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)")
+
+                singles = []
+                for teacher_name, teacher in zip(options.teachers, teachers):
+                    progress.update(overall, description=f"{method}: {teacher_name} → {student_name}")
+                    result = transfer(student, teacher, splits.transfer, splits.eval, method=create_method(method), **settings)
+                    singles.append(result)
+                    keep(result.metrics, teacher_name)
+                    progress.advance(overall)
+                deltas = [r.metrics["delta"] for r in singles]
+                row.update(
+                    acc_before=singles[0].metrics["acc_before"],
+                    single_deltas=dict(zip(options.teachers, deltas)),
+                    single_mean=statistics.fmean(deltas), single_min=min(deltas), single_max=max(deltas),
+                )
+
+                progress.update(overall, description=f"{method}: sequential → {student_name}")
+                sequential = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="sequential", **settings)
+                keep(sequential.metrics, "sequential")
+                row["sequential"] = sequential.metrics["delta"]
+                row["sequential_order"] = [name.removeprefix("zoo:") for name in sequential.metrics["stage_teachers"]]
+                progress.advance(overall, len(teachers))
+
+                row["parallel"] = None
+                if method_obj.supports_multiple_teachers and getattr(method_obj.params, "routing", "confidence") == "confidence":
+                    progress.update(overall, description=f"{method}: parallel → {student_name}")
+                    parallel = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="parallel", **settings)
+                    keep(parallel.metrics, "parallel")
+                    row["parallel"] = parallel.metrics["delta"]
+                    row["parallel_shares"] = parallel.metrics["routed_shares"]
+                progress.advance(overall)
+
+                # The single-teacher students above are the soup's ingredients: no transfer is repeated.
+                soup = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="soup", reuse=singles, **settings)
+                keep(soup.metrics, "soup")
+                row["soup"] = soup.metrics["delta"]
+                row["soup_bn"] = None
+                if has_batch_norm:
+                    soup_bn = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="soup", reuse=singles, recalibrate_bn=True, **settings)
+                    keep(soup_bn.metrics, "soup, BN recomputed")
+                    row["soup_bn"] = soup_bn.metrics["delta"]
+                progress.advance(overall, 2)
+                rows.append(row)
+
+    n_eval = len(splits.eval)
+    teacher_rows = [r for r in zoo_rows if r["name"] in options.teachers]
+    console.print(multi_teacher_table(rows, teacher_rows, n_eval, options.epochs))
+    timing = {"total_seconds": time.perf_counter() - started}
+    summary = {"options": _jsonable(options), "teachers": teacher_rows, "rows": rows, "n_eval": n_eval, "timing": timing}
+    (out / "multi_teacher.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"total {timing['total_seconds']:.0f}s. Table: [bold]{out / 'multi_teacher.json'}[/]; records appended to [bold]{results_path}[/]")
+    return {"rows": rows, "records": records, "teachers": teacher_rows, "timing": timing, "out": out}
+
+
+def multi_teacher_table(rows: list[dict], teachers: list[dict], n_eval: int, epochs: int) -> Table:
+    """Appendix Table 9's layout: single-teacher Δ (mean, min, max) beside the multi-teacher strategies."""
+    teacher_names = ", ".join(f"{t['name']} {t['accuracy']:.1f}%" for t in teachers)
+    table = Table(title=f"Transfer from several teachers ({teacher_names}); Δ in points of accuracy on {n_eval:,} images, {epochs} epochs per teacher")
+    columns = ("student", "acc", "# param", "method", "single mean", "single min", "single max", "sequential", "parallel", "soup", "soup, BN recomputed")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("student", "method") else "right")
+    for row in rows:
+        table.add_row(
+            row["student"], tables._fmt(row["acc_before"]), f"{row['parameters']:,}", row["method"],
+            *(tables._fmt(row[key], "+.2f") for key in ("single_mean", "single_min", "single_max", *STRATEGY_COLUMNS)),
+        )
+    table.caption = "sequential: weakest teacher first, a fresh optimiser per stage; parallel: per sample the most confident of the original student and the teachers (KL+DP only); soup: the single-teacher students averaged"
+    return table
