@@ -148,7 +148,7 @@ def write_report(out: Path, console: Console) -> None:
     from .report import build_report, report_available
 
     if not report_available():
-        console.print(f"For an HTML report of these results: pip install 'ktransfer[report]', then ktransfer report {out}")
+        console.print(f"For an HTML report of these results: pip install 'ktransfer[report]', then ktransfer report {out}", markup=False)
         return
     try:
         report = build_report(out)

@@ -29,7 +29,8 @@ def _fmt(value, spec: str = ".2f") -> str:
 def _signed(value) -> str:
     if not is_number(value):
         return "–"
-    css = "positive" if value > 0 else "negative" if value < 0 else ""
+    shown = round(value, 2)  # the colour follows the number as printed
+    css = "positive" if shown > 0 else "negative" if shown < 0 else ""
     return f'<span class="{css}">{value:+.2f}</span>'
 
 
