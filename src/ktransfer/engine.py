@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 1024
+    amp: bool = False  # bfloat16 autocast for the student's forward pass and the loss
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -109,11 +110,30 @@ class Engine:
         self.targets, self.evaluator = targets, evaluator
         self.on_step, self.on_epoch = on_step, on_epoch
         torch.manual_seed(config.seed)
+        if method.needs_features and targets is not None:
+            method.on_feature_dims(*self._probe_feature_dims())
         extra = method.setup(student.module)
         optimizer = torch.optim.SGD(
             [*student.module.parameters(), *extra], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         self.state = TrainState(optimizer, torch.Generator().manual_seed(config.seed))
+
+    @torch.no_grad()
+    def _probe_feature_dims(self) -> tuple[int, int]:
+        """Feature widths of the student and the first teacher, from one eval-mode forward of two samples (changes no state)."""
+        module = self.student.module
+        was_training = module.training
+        module.eval()
+        try:
+            index, images, _ = next(iter(self.data.batches(torch.arange(min(2, len(self.data))), 2)))
+            images = images.to(self.config.device)
+            student_features, _ = self.student.features_and_logits(images)
+            teacher_features = self.targets.get(index, images).teacher_features
+        finally:
+            module.train(was_training)
+        if teacher_features is None:
+            raise ConfigError(f"method {self.method.name} compares features and needs online targets (a teacher forward pass per batch)")
+        return student_features.flatten(1).shape[1], teacher_features.flatten(1).shape[1]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -123,30 +143,31 @@ class Engine:
         module, method, config, state = self.student.module, self.method, self.config, self.state
         module.train()
         order = torch.randperm(len(self.data), generator=state.generator)
-        loss_sum, stat_sums, batches = 0.0, {}, 0
+        # Sums stay on the device: reading a number back each step would stall a GPU.
+        # The loss is checked for NaN every step on the CPU (free) and every 32 steps elsewhere.
+        check_every = 1 if torch.device(config.device).type == "cpu" else 32
+        loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
         for index, images, labels in self.data.batches(order, config.batch_size):
             images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
-            if method.needs_features:
-                features, logits = self.student.features_and_logits(images)
-            else:
-                features, logits = None, self.student.logits(images)
-            batch = self.targets.get(index, images) if self.targets is not None else None
-            inputs = StepInputs(
-                student_logits=logits,
-                labels=labels,
-                teacher_logits=batch.teacher_logits if batch else None,
-                original_logits=batch.original_logits if batch else None,
-                student_features=features,
-                teacher_features=batch.teacher_features if batch else None,
-                indices=index,
-            )
-            out = method.loss(inputs)
-            loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"{method.name}: the loss became {loss_value} at epoch {state.epoch + 1}, step {state.step + 1}; "
-                    f"lower the learning rate (now {config.lr}) or check the inputs for NaN"
+            with torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp):
+                if method.needs_features:
+                    features, logits = self.student.features_and_logits(images)
+                else:
+                    features, logits = None, self.student.logits(images)
+                batch = self.targets.get(index, images) if self.targets is not None else None
+                inputs = StepInputs(
+                    student_logits=logits.float(),
+                    labels=labels,
+                    teacher_logits=batch.teacher_logits if batch else None,
+                    original_logits=batch.original_logits if batch else None,
+                    student_features=features,
+                    teacher_features=batch.teacher_features if batch else None,
+                    indices=index,
                 )
+                out = method.loss(inputs)
+            loss_value = out.loss.detach()
+            if (state.step + 1) % check_every == 0:
+                self._check_finite(loss_value, state.step + 1)
             state.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             state.optimizer.step()
@@ -154,11 +175,21 @@ class Engine:
             method.after_step(module, state.step)
             loss_sum += loss_value
             for key, value in out.stats.items():
-                stat_sums[key] = stat_sums.get(key, 0.0) + value
+                stat_sums[key] = stat_sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
             batches += 1
             if self.on_step is not None:
                 self.on_step(state.step, self.steps_per_epoch * config.epochs)
-        return {"train_loss": loss_sum / max(batches, 1), **{k: v / max(batches, 1) for k, v in stat_sums.items()}}
+        self._check_finite(loss_sum, state.step)
+        batches = max(batches, 1)
+        return {"train_loss": float(loss_sum) / batches, **{k: float(v) / batches for k, v in stat_sums.items()}}
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{self.method.name}: the loss became {value} at epoch {self.state.epoch + 1} (by step {step}); "
+                f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN"
+            )
 
     def evaluate(self) -> dict:
         if self.evaluator is None:
@@ -173,6 +204,7 @@ class Engine:
             started = time.perf_counter()
             record = {"epoch": state.epoch + 1, **self.train_epoch()}
             record.update(self.evaluate())
+            self.method.on_epoch_end(self.student.module)
             record["seconds"] = time.perf_counter() - started
             state.epoch += 1
             state.history.append(record)
