@@ -17,7 +17,7 @@ from .api import transfer
 from .data import fashion_mnist
 from .analysis import analyze_predictions
 from .errors import ConfigError, KTransferError
-from .methods import create_method
+from .methods import create_method, transfer_method_names
 from .metrics import accuracy, flip_matrices
 from .models.store import DEFAULT_ZOO, load_zoo_model
 from .predictions import PredictionCache
@@ -57,6 +57,10 @@ class DemoOptions:
         for name in [*self.students, *self.teachers]:
             if name not in DEFAULT_ZOO:
                 raise ConfigError(f"unknown zoo model {name!r}; the zoo has: {', '.join(DEFAULT_ZOO)}")
+        if "all" in self.methods:  # every transfer method, in place of "all"
+            position = self.methods.index("all")
+            expanded = [*self.methods[:position], *transfer_method_names(), *self.methods[position + 1 :]]
+            self.methods = list(dict.fromkeys(expanded))
         for method in self.methods:
             create_method(method)  # unknown names fail here, before any training
         return self
@@ -126,7 +130,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
             append_record(results_path, record)
             records.append(record)
             progress.console.print(
-                f"  {method:<6} {teacher:>8} → {student:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)"
+                f"  {method:<11} {teacher:>8} → {student:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)"
             )
             progress.advance(overall)
     transfer_seconds = time.perf_counter() - transfer_started

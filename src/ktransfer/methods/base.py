@@ -89,6 +89,12 @@ class Method:
     def after_step(self, student: nn.Module, step: int) -> None:
         """Called after every optimiser step."""
 
+    def on_epoch_end(self, student: nn.Module) -> None:
+        """Called after each epoch, once it has been evaluated."""
+
+    def on_feature_dims(self, student_dim: int, teacher_dim: int) -> None:
+        """For ``needs_features`` methods, called before :meth:`setup`: the feature widths of the student and the first teacher."""
+
     def eval_module(self, student: nn.Module) -> nn.Module:
         """The weights to evaluate and return (MCL's slow weights, for example)."""
         return student

@@ -4,6 +4,8 @@ KL-Dist:   T² · KL(σ(z_t/T) ‖ σ(z_s/T)), mean over the batch.
 KL + DP:   the target of each sample is the teacher's distribution where the teacher is more
            confident than the original (frozen) student, else the original student's own; the
            masks use T = 1 and ties go to the original student. Computed for the whole batch.
+Top-k:     with ``top_k = k > 0`` both distributions are taken over only the target's k most
+           probable classes and renormalised over them (a softmax over those k logits).
 """
 
 from __future__ import annotations
@@ -18,8 +20,30 @@ from .base import Hyperparameters, LossOutput, Method, StepInputs, hparam, regis
 ROUTINGS = ("confidence", "teacher_on_positive_flips", "student_on_negative_flips", "self")
 
 
-def kl_to_target(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def restrict_to_top_k(target_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits gathered at the target's ``top_k`` largest classes, ``[B, k]`` each (0 or k ≥ C: all classes).
+
+    A softmax over the gathered logits equals the full softmax renormalised over those classes,
+    whatever the temperature, so callers just apply their softmax to the result.
+    """
+    if top_k <= 0 or top_k >= target_logits.shape[-1]:
+        return target_logits, student_logits
+    classes = target_logits.topk(top_k, dim=-1).indices
+    return target_logits.gather(-1, classes), student_logits.gather(-1, classes)
+
+
+def kl_per_sample(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """T² · KL(σ(target/T) ‖ σ(student/T)) of each sample, ``[B]``."""
+    target_logits, student_logits = restrict_to_top_k(target_logits, student_logits, top_k)
+    target_log_probs = F.log_softmax(target_logits / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    return (target_log_probs.exp() * (target_log_probs - student_log_probs)).sum(-1) * temperature**2
+
+
+def kl_to_target(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
     """T² · KL(σ(target/T) ‖ σ(student/T)), averaged over the batch."""
+    if top_k:
+        return kl_per_sample(target_logits, student_logits, temperature, top_k).mean()
     target_log_probs = F.log_softmax(target_logits / temperature, dim=-1)
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     return F.kl_div(student_log_probs, target_log_probs, reduction="batchmean", log_target=True) * temperature**2
@@ -63,9 +87,13 @@ def select(candidates: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return candidates[choice, torch.arange(candidates.shape[1], device=candidates.device)]
 
 
+TOP_K_HELP = "distil over only the teacher's k most probable classes, both distributions renormalised over them (0: all classes; the paper tried 10 and 100)"
+
+
 @dataclass
 class KLParams(Hyperparameters):
     temperature: float = hparam(1.0, "softmax temperature T of both distributions", 1e-3, 100.0)
+    top_k: int = hparam(0, TOP_K_HELP, 0, 1_000_000)
 
 
 @register_method
@@ -75,7 +103,8 @@ class KLDist(Method):
     Params = KLParams
 
     def loss(self, inputs: StepInputs) -> LossOutput:
-        return LossOutput(kl_to_target(inputs.teacher_logits[0], inputs.student_logits, self.params.temperature), {"teacher_share": 1.0})
+        loss = kl_to_target(inputs.teacher_logits[0], inputs.student_logits, self.params.temperature, self.params.top_k)
+        return LossOutput(loss, {"teacher_share": 1.0})
 
 
 @dataclass
@@ -100,8 +129,21 @@ class KLDistDP(Method):
         choice = route(inputs.original_logits, inputs.teacher_logits, labels, self.params.routing)
         candidates = torch.cat([inputs.original_logits.unsqueeze(0), inputs.teacher_logits], dim=0)
         target = select(candidates, choice)
-        stats = {"teacher_share": float((choice > 0).float().mean())}
+        # Tensors, not floats: the engine sums them on the device and reads them once per epoch.
+        stats = {"teacher_share": (choice > 0).float().mean()}
         if inputs.teacher_logits.shape[0] > 1:
-            counts = torch.bincount(choice, minlength=len(candidates)).tolist()
-            stats.update({f"share_{k}": c / len(choice) for k, c in enumerate(counts)})
+            shares = torch.bincount(choice, minlength=len(candidates)).float() / len(choice)
+            stats.update({f"share_{k}": shares[k] for k in range(len(candidates))})
         return LossOutput(kl_to_target(target, inputs.student_logits, self.params.temperature), stats)
+
+
+@dataclass
+class KLDPUnsupervisedParams(KLDPParams):
+    supervised: bool = hparam(False, "route by the probability of the true class (true) or by the maximum probability, without labels (false)")
+
+
+@register_method
+class KLDistDPUnsupervised(KLDistDP):
+    name = "kl_dp_unsup"
+    summary = "kl_dp without labels: learn from the teacher where its maximum probability beats the original student's (same as kl_dp with supervised=false)"
+    Params = KLDPUnsupervisedParams

@@ -1,0 +1,105 @@
+"""CD and CRD: similarity-matching KL, Tian et al.'s NCE loss, and the bounded embedding memory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ktransfer.methods import create_method
+from ktransfer.methods.base import StepInputs
+from ktransfer.methods.contrastive import EmbeddingQueue, nce_loss, similarity_distillation, similarity_logits
+
+
+def test_cd_zero_for_equal_or_rescaled_features_and_non_negative():
+    torch.manual_seed(0)
+    features = torch.randn(16, 8)
+    assert similarity_distillation(features, features.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert similarity_distillation(3.0 * features, features).item() == pytest.approx(0.0, abs=1e-6)  # cosine: scale-free
+    for _ in range(5):
+        student, teacher = torch.randn(16, 8), torch.randn(16, 12)  # widths may differ: only B×B matrices meet
+        assert similarity_distillation(student, teacher).item() >= 0
+        assert similarity_distillation(student, teacher, reverse=True).item() >= 0
+
+
+def test_cd_hand_computed():
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # orthogonal: S_s = identity
+    teacher = torch.tensor([[1.0, 0.0], [5.0, 0.0]])  # parallel: S_t = all ones, a uniform softmax
+    assert torch.allclose(similarity_logits(student), torch.eye(2))
+    e = math.e
+    p_s = (e / (e + 1), 1 / (e + 1))  # each row of σ(S_s)
+    forward = 0.5 * math.log(0.5 / p_s[0]) + 0.5 * math.log(0.5 / p_s[1])  # KL(σ(S_t) ‖ σ(S_s))
+    reverse = p_s[0] * math.log(p_s[0] / 0.5) + p_s[1] * math.log(p_s[1] / 0.5)  # KL(σ(S_s) ‖ σ(S_t))
+    assert similarity_distillation(student, teacher).item() == pytest.approx(forward, rel=1e-5)
+    assert similarity_distillation(student, teacher, reverse=True).item() == pytest.approx(reverse, rel=1e-5)
+    labels = torch.tensor([0, 1])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    method = create_method("cd", cd_weight=2.0, ce_weight=0.5)
+    out = method.loss(StepInputs(logits, labels, torch.zeros(1, 2, 2), student_features=student, teacher_features=teacher))
+    assert out.loss.item() == pytest.approx(2.0 * forward + 0.5 * F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_nce_loss_hand_computed_and_own_slot_excluded():
+    anchor = torch.tensor([[1.0, 0.0]])
+    positive = torch.tensor([[0.6, 0.8]])
+    bank = torch.tensor([[0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]])
+    tau, log_z = 0.5, 0.3
+    ratio = lambda score: math.exp(score / tau - log_z)
+    # slot 2 is the anchor's own sample: K = 2 negatives, slots 0 and 1
+    k = 2
+    expected = -math.log(ratio(0.6) / (ratio(0.6) + k)) - math.log(k / (ratio(0.0) + k)) - math.log(k / (ratio(-1.0) + k))
+    got = nce_loss(anchor, positive, bank, torch.tensor([2]), tau, log_z)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    k = 3  # nothing excluded: the third slot is a negative too
+    expected_all = -math.log(ratio(0.6) / (ratio(0.6) + k)) - sum(math.log(k / (ratio(s) + k)) for s in (0.0, -1.0, 1.0))
+    assert nce_loss(anchor, positive, bank, torch.tensor([-1]), tau, log_z).item() == pytest.approx(expected_all, rel=1e-5)
+
+
+def test_nce_loss_non_negative_and_lower_for_aligned_pairs():
+    torch.manual_seed(1)
+    anchors = F.normalize(torch.randn(32, 16), dim=1)
+    bank = F.normalize(torch.randn(64, 16), dim=1)
+    none = torch.full((32,), -1)
+    aligned = nce_loss(anchors, anchors, bank, none, 0.07, 0.0)
+    random = nce_loss(anchors, F.normalize(torch.randn(32, 16), dim=1), bank, none, 0.07, 0.0)
+    assert aligned.item() >= 0 and random.item() >= 0
+    assert aligned.item() < random.item()
+
+
+def test_memory_queue_is_bounded_fifo_with_momentum_for_remembered_samples():
+    torch.manual_seed(2)
+    queue = EmbeddingQueue(capacity=16, dim=4)
+    nbytes = queue.nbytes
+    assert nbytes == 2 * 16 * 4 * 4 + 16 * 8
+    for start in range(0, 500, 10):  # 500 distinct samples stream through 16 slots
+        indices = torch.arange(start, start + 10)
+        queue.update(indices, F.normalize(torch.randn(10, 4), dim=1), F.normalize(torch.randn(10, 4), dim=1), 0.5)
+        assert queue.nbytes == nbytes and queue.student.shape == (16, 4) and queue.teacher.shape == (16, 4)
+    assert sorted(queue.index.tolist()) == list(range(484, 500))  # the newest 16, oldest overwritten first
+    # a remembered sample is blended into its slot, not enqueued again
+    slot = int(queue.slots_of(torch.tensor([490]))[0])
+    old_student, old_teacher = queue.student[slot].clone(), queue.teacher[slot].clone()
+    new_student, new_teacher = F.normalize(torch.randn(1, 4), dim=1), F.normalize(torch.randn(1, 4), dim=1)
+    queue.update(torch.tensor([490]), new_student, new_teacher, 0.5)
+    assert torch.allclose(queue.student[slot], F.normalize(0.5 * old_student + 0.5 * new_student[0], dim=0), atol=1e-6)
+    assert torch.allclose(queue.teacher[slot], F.normalize(0.5 * old_teacher + 0.5 * new_teacher[0], dim=0), atol=1e-6)
+    assert sorted(queue.index.tolist()) == list(range(484, 500))
+    assert queue.slots_of(torch.tensor([3, 499, -1])).tolist()[0::2] == [-1, -1]
+
+
+def test_crd_trains_its_heads_and_keeps_its_memory_bounded(tiny_data):
+    import ktransfer
+    from ktransfer.models.zoo import MLP, SmallCNN
+
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    method = create_method("crd", negatives="48", feat_dim=8)
+    result = ktransfer.transfer(MLP(hidden=32), SmallCNN(), transfer_set, eval_set, method=method, epochs=2, lr=0.01, batch_size=64)
+    assert method.memory.nbytes == 2 * 48 * 8 * 4 + 48 * 8  # 384 samples seen twice, 48 remembered
+    assert method.memory.index.ge(0).all() and len(set(method.memory.index.tolist())) == 48
+    assert method.embed_student.weight.shape == (8, MLP().num_features) and method.embed_teacher.weight.shape == (8, SmallCNN().num_features)
+    for head in (method.embed_student, method.embed_teacher):  # in the optimiser, trained by the loss
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    history = result.history
+    assert all(math.isfinite(h["crd"]) and h["crd"] > 0 for h in history)
+    assert result.metrics["hparams"]["negatives"] == 48

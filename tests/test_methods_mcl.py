@@ -1,0 +1,106 @@
+"""XE-KL-Dist + MCL: the KL mask, slow weights in their own tensors, evaluation that leaves training alone."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ktransfer
+from ktransfer.engine import Engine, Evaluator, TrainConfig
+from ktransfer.methods import create_method
+from ktransfer.methods.base import StepInputs
+from ktransfer.methods.kl import kl_per_sample
+from ktransfer.methods.mcl import mcl_distillation_mask
+from ktransfer.models.base import Model
+from ktransfer.models.zoo import MLP
+from ktransfer.targets import OnlineTargets
+
+
+def test_mask_drops_kl_only_where_teacher_wrong_and_student_right():
+    labels = torch.tensor([0, 0, 0, 0])
+    # student right/wrong × teacher right/wrong
+    student = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    assert mcl_distillation_mask(teacher, student, labels).tolist() == [True, False, True, True]
+    method = create_method("xe_kl_mcl", weight=0.7)
+    out = method.loss(StepInputs(student, labels, teacher[None]))
+    kl = kl_per_sample(teacher, student, 1.0)
+    expected = 0.7 * (kl[0] + kl[2] + kl[3]) / 4 + 0.3 * nn.functional.cross_entropy(student, labels)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.stats["teacher_share"] == 0.75
+
+
+def small_net():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_slow_weights_move_every_nth_step_by_momentum():
+    torch.manual_seed(0)
+    student = small_net()
+    method = create_method("xe_kl_mcl", slow_momentum=0.9, update_every=2)
+    method.setup(student)
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(method.slow.parameters(), student.parameters()))
+    start = copy.deepcopy(method.slow.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(8, 3))  # changes the batch-norm statistics and its counter
+    method.after_step(student, 1)  # not an N-th step: nothing moves
+    assert all(torch.equal(v, start[k]) for k, v in method.slow.state_dict().items())
+    method.after_step(student, 2)
+    live = student.state_dict()
+    for key, value in method.slow.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.9 * start[key] + 0.1 * live[key], atol=1e-6), key
+        else:
+            assert torch.equal(value, live[key]), key  # num_batches_tracked is copied
+    assert not any(p.requires_grad for p in method.slow.parameters())
+
+
+def test_training_and_slow_weights_separate_and_evaluation_leaves_training_untouched(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teacher = Model(MLP(hidden=32), "student"), Model(MLP(hidden=32), "teacher")
+    method = create_method("xe_kl_mcl", slow_momentum=0.5, update_every=2)
+    engine = Engine(student, method, transfer_set, TrainConfig(epochs=1, lr=0.05, batch_size=64), OnlineTargets([teacher], None), Evaluator(eval_set))
+    engine.train_epoch()
+    assert engine.method.eval_module(student.module) is method.slow
+    differing = [k for k, v in method.slow.state_dict().items() if not torch.equal(v, student.module.state_dict()[k])]
+    assert differing, "after six steps the slow weights must differ from the training weights"
+    training_before = copy.deepcopy(student.module.state_dict())
+    slow_before = copy.deepcopy(method.slow.state_dict())
+    assert student.module.training
+    engine.evaluate()
+    assert student.module.training  # evaluation did not switch the training module to eval mode
+    for key, value in student.module.state_dict().items():
+        assert torch.equal(value, training_before[key]), key
+    for key, value in method.slow.state_dict().items():
+        assert torch.equal(value, slow_before[key]), key
+    method.on_epoch_end(student.module)  # the method as described: training weights stay where they are
+    assert any(not torch.equal(v, method.slow.state_dict()[k]) for k, v in student.module.state_dict().items())
+
+
+def test_reset_to_slow_each_epoch_reproduces_the_authors_behaviour(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    method = create_method("xe_kl_mcl", reset_to_slow_each_epoch=True)
+    student, teacher = Model(MLP(hidden=32), "student"), Model(MLP(hidden=32), "teacher")
+    engine = Engine(student, method, transfer_set, TrainConfig(epochs=1, lr=0.05, batch_size=64), OnlineTargets([teacher], None), Evaluator(eval_set))
+    engine.run()
+    for key, value in student.module.state_dict().items():
+        assert torch.equal(value, method.slow.state_dict()[key]), key
+
+
+def test_transfer_returns_and_scores_the_slow_weights(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teacher = MLP(hidden=32).eval(), MLP(hidden=32).eval()
+    method = create_method("xe_kl_mcl")  # τ = 0.9999: after 12 steps the slow weights have barely moved
+    result = ktransfer.transfer(student, teacher, transfer_set, eval_set, method=method, epochs=2, batch_size=64)
+    assert result.student is method.slow
+    assert result.metrics["lr"] == 1e-2  # the paper's learning rate for MCL
+    predictions = result.model.module.eval()(result.model.preprocess(eval_set.images)).argmax(1)
+    assert result.metrics["acc_after"] == pytest.approx(100.0 * float((predictions == eval_set.labels).float().mean()))
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(result.student.parameters(), student.parameters()))
+    assert 0 < moved < 1e-2
