@@ -1,0 +1,34 @@
+"""The Python examples in the README and docs/ run (on a small Fashion-MNIST look-alike and a tiny zoo).
+
+A block whose first line is a comment starting with ``# not run`` says why it cannot run here
+(a path on the reader's disk, a download) and is only compiled.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def blocks():
+    for path in DOCS:
+        for number, match in enumerate(BLOCK.finditer(path.read_text(encoding="utf-8")), 1):
+            yield pytest.param(match.group(1), id=f"{path.relative_to(ROOT)}#{number}")
+
+
+def test_docs_have_examples():
+    assert len(list(blocks())) >= 2
+
+
+@pytest.mark.parametrize("code", blocks())
+def test_example_runs(code, small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
+    compiled = compile(code, "<docs>", "exec")
+    if code.lstrip().startswith("# not run"):
+        return
+    monkeypatch.setenv("KTRANSFER_FASHION_MNIST", str(small_fashion_mnist))
+    monkeypatch.chdir(tmp_path)
+    exec(compiled, {"__name__": "__docs__"})
