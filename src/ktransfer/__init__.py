@@ -8,5 +8,6 @@ from .errors import KTransferError  # noqa: E402
 from .methods import create_method, method_names  # noqa: E402
 from .models import Model, Preprocess, load_model  # noqa: E402
 from .predictions import PredictionCache  # noqa: E402
+from .multi import transfer_multi  # noqa: E402
 
-__all__ = ["ImageData", "KTransferError", "Model", "PredictionCache", "Preprocess", "TransferResult", "__version__", "create_method", "load_model", "method_names", "transfer"]
+__all__ = ["ImageData", "KTransferError", "Model", "PredictionCache", "Preprocess", "TransferResult", "__version__", "create_method", "load_model", "method_names", "transfer", "transfer_multi"]
