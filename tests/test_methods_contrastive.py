@@ -103,3 +103,15 @@ def test_crd_trains_its_heads_and_keeps_its_memory_bounded(tiny_data):
     history = result.history
     assert all(math.isfinite(h["crd"]) and h["crd"] > 0 for h in history)
     assert result.metrics["hparams"]["negatives"] == 48
+
+
+def test_memory_enqueue_beats_a_blend_on_the_same_slot_and_keeps_the_rest():
+    queue = EmbeddingQueue(capacity=4, dim=2)
+    rows = F.normalize(torch.randn(4, 2), dim=1)
+    queue.update(torch.arange(4), rows, rows, 0.5)  # full; the oldest slot (0) holds sample 0
+    before_student = queue.student.clone()
+    new = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    queue.update(torch.tensor([0, 10]), new, new, 0.5)  # sample 0 is remembered in slot 0, which sample 10 now takes
+    assert queue.index.tolist() == [10, 1, 2, 3]
+    assert torch.allclose(queue.student[0], new[1]) and torch.equal(queue.student[1:], before_student[1:])
+    assert int(queue.pointer) == 1

@@ -66,7 +66,7 @@ class ContrastiveDistillation(Method):
         p = self.params
         matching = similarity_distillation(inputs.student_features, inputs.teacher_features, p.temperature, p.reverse_kl)
         ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        return LossOutput(p.cd_weight * matching + p.ce_weight * ce, {"cd": float(matching.detach()), "ce": float(ce.detach())})
+        return LossOutput(p.cd_weight * matching + p.ce_weight * ce, {"cd": matching.detach(), "ce": ce.detach()})
 
 
 class EmbeddingQueue:
@@ -81,7 +81,7 @@ class EmbeddingQueue:
         self.student = F.normalize(torch.randn(capacity, dim, device=device), dim=1)
         self.teacher = F.normalize(torch.randn(capacity, dim, device=device), dim=1)
         self.index = torch.full((capacity,), -1, dtype=torch.long, device=device)
-        self.pointer = 0  # the oldest slot, next to be overwritten
+        self.pointer = torch.zeros((), dtype=torch.long, device=device)  # the oldest slot, next to be overwritten
 
     @property
     def nbytes(self) -> int:
@@ -97,22 +97,29 @@ class EmbeddingQueue:
     def update(self, indices: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
         """Blend samples already remembered into their slots with ``momentum``; enqueue the rest over the oldest slots.
 
-        The banks are replaced, not written in place: this step's loss still holds the old ones for its backward pass.
+        If an enqueued sample lands on the slot of a remembered one (the oldest slot), the enqueued
+        sample wins. No data-dependent shapes, so nothing is read back from a GPU. The banks are
+        replaced, not written in place: this step's loss still holds the old ones for its backward pass.
         """
-        self.student, self.teacher, self.index = self.student.clone(), self.teacher.clone(), self.index.clone()
+        if len(indices) > self.capacity:  # only the newest fit
+            indices, student, teacher = indices[-self.capacity :], student[-self.capacity :], teacher[-self.capacity :]
         slots = self.slots_of(indices)
         present = slots >= 0
-        if present.any():
-            kept = slots[present]
-            self.student[kept] = F.normalize(momentum * self.student[kept] + (1 - momentum) * student[present], dim=1)
-            self.teacher[kept] = F.normalize(momentum * self.teacher[kept] + (1 - momentum) * teacher[present], dim=1)
-        new = (~present).nonzero().squeeze(1)[-self.capacity:]
-        if len(new):
-            targets = (self.pointer + torch.arange(len(new), device=self.index.device)) % self.capacity
-            self.student[targets] = student[new]
-            self.teacher[targets] = teacher[new]
-            self.index[targets] = indices[new]
-            self.pointer = (self.pointer + len(new)) % self.capacity
+        absent = ~present
+        enqueue_slots = (self.pointer + absent.long().cumsum(0) - 1) % self.capacity
+        destination = torch.where(present, slots, enqueue_slots)
+        kept = slots.clamp(min=0)
+        blend = lambda bank, new: torch.where(present[:, None], F.normalize(momentum * bank[kept] + (1 - momentum) * new, dim=1), new)
+        student_rows, teacher_rows = blend(self.student, student.float()), blend(self.teacher, teacher.float())
+        # Which batch row writes each slot: enqueues (priority B + b) outrank blends (priority b).
+        batch = len(indices)
+        priority = torch.arange(batch, device=indices.device) + batch * absent.long()
+        writer = torch.full((self.capacity,), -1, dtype=torch.long, device=indices.device).scatter_reduce(0, destination, priority, reduce="amax")
+        written, row = writer >= 0, writer.clamp(min=0) % batch
+        self.student = torch.where(written[:, None], student_rows[row], self.student)
+        self.teacher = torch.where(written[:, None], teacher_rows[row], self.teacher)
+        self.index = torch.where(written, indices[row], self.index)
+        self.pointer = (self.pointer + absent.long().sum()) % self.capacity
 
 
 def nce_loss(anchor: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor, temperature: float, log_normaliser: float) -> torch.Tensor:
@@ -126,8 +133,7 @@ def nce_loss(anchor: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, e
     log_ratio_positive = (anchor * positive).sum(1) / temperature - log_normaliser  # [B]
     log_ratio_negative = anchor @ bank.T / temperature - log_normaliser  # [B, K]
     is_negative = torch.ones_like(log_ratio_negative, dtype=torch.bool)
-    rows = (exclude >= 0).nonzero().squeeze(1)
-    is_negative[rows, exclude[rows]] = False
+    is_negative.scatter_(1, exclude.clamp(min=0)[:, None], (exclude < 0)[:, None])  # rows with exclude = −1 keep all
     log_k = is_negative.sum(1, keepdim=True).clamp(min=1).float().log()  # [B, 1]
     positive_term = F.softplus(log_k.squeeze(1) - log_ratio_positive)
     negative_terms = F.softplus(log_ratio_negative - log_k) * is_negative
@@ -196,4 +202,4 @@ class ContrastiveRepresentationDistillation(Method):
         contrastive = student_anchor + teacher_anchor
         ce = F.cross_entropy(inputs.student_logits, inputs.labels)
         memory.update(indices, student.detach(), teacher.detach(), p.memory_momentum)
-        return LossOutput(p.ce_weight * ce + p.crd_weight * contrastive, {"crd": float(contrastive.detach()), "ce": float(ce.detach())})
+        return LossOutput(p.ce_weight * ce + p.crd_weight * contrastive, {"crd": contrastive.detach(), "ce": ce.detach()})

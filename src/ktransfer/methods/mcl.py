@@ -63,7 +63,7 @@ class XEKLDistMCL(Method):
         keep = mcl_distillation_mask(teacher, student, labels)
         distillation = (kl_per_sample(teacher, student, p.temperature, p.top_k) * keep).mean()
         loss = p.weight * distillation + (1.0 - p.weight) * F.cross_entropy(student, labels)
-        return LossOutput(loss, {"teacher_share": float(keep.float().mean())})
+        return LossOutput(loss, {"teacher_share": keep.float().mean()})
 
     @torch.no_grad()
     def after_step(self, student: nn.Module, step: int) -> None:
