@@ -170,3 +170,23 @@ def test_raw_size_and_channels_follow_the_models():
     assert raw_image_size([small]) == 32 and raw_image_size([Preprocess()]) == 224
     assert raw_image_size([timm_like], image_size=64) == 64
     assert raw_channels([Preprocess(in_chans=1)]) == 1 and raw_channels([Preprocess(in_chans=1), small]) == 3
+
+
+def test_cli_fashion_mnist_subset_and_data_option_errors(small_fashion_mnist, tiny_zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from ktransfer.cli import main
+
+    out = tmp_path / "run"
+    args = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--epochs", "1", "--data-dir", str(small_fashion_mnist)]
+    result = CliRunner().invoke(main, [*args, "--data", "fashion-mnist", "--subset-per-class", "5", "--subset-seed", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.jsonl").read_text())
+    index = json.loads((out / "transfer-subset.json").read_text())
+    assert record["n_transfer"] == 50 and record["n_eval"] == 200 and index["counts_per_class"]["Sandal"] == 5 and len(index["indices"]) == 50
+    again = CliRunner().invoke(main, [*args, "--subset", str(out / "transfer-subset.json"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "transfer-subset.json").read_text())["indices"] == index["indices"]
+
+    alone = CliRunner().invoke(main, [*args, "--transfer-data", f"folder:{tmp_path}", "--out", str(tmp_path / "x")])
+    assert alone.exit_code != 0 and "--eval-data" in alone.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 SUBSET_INDEX_FILE = "transfer-subset.json"
 
@@ -34,7 +34,10 @@ def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, tr
     """Transfer and evaluation data for ``models``: the raw image size and channels follow their preprocessing."""
     from ..data.sources import choose_subset, materialize, open_sources, raw_channels, raw_image_size
 
-    if data_spec is None and (transfer_data is None or eval_data is None):
+    given = [spec for spec in (transfer_data, eval_data) if spec is not None]
+    if data_spec is None and len(given) < 2:
+        if any(not spec.startswith("fashion-mnist") for spec in given):
+            raise ConfigError("give --transfer-data and --eval-data together (or --data folder:PATH with train/ and val/ inside)")
         data_spec = "fashion-mnist"
     transfer, evaluation = open_sources(data_spec, transfer_data, eval_data, data_dir)
     index_path = out / index_file if out is not None else None
