@@ -190,6 +190,8 @@ def test_sequential_orders_and_per_teacher_budgets(tiny_data, models):
     assert given.metrics["stage_teachers"] == ["teacher1", "teacher2"]
     with pytest.raises(ConfigError, match="one epoch budget per teacher"):
         transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl", epochs=[1, 2, 3], **common)
+    with pytest.raises(ConfigError, match="at least 1"):
+        transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl", epochs=[1, 0], **common)
 
 
 # ---------------------------------------------------------------- soup

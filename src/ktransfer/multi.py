@@ -299,12 +299,13 @@ def _stage_order(run: _Run, order: str) -> list[int]:
 
 
 def _stage_epochs(epochs, count: int) -> list[int]:
-    if isinstance(epochs, int):
-        return [epochs] * count
-    epochs = list(epochs)
-    if len(epochs) != count:
-        raise ConfigError(f"give one epoch budget per teacher ({count}), or a single number; got {len(epochs)}")
-    return [int(e) for e in epochs]
+    budgets = [epochs] * count if isinstance(epochs, int) else list(epochs)
+    if len(budgets) != count:
+        raise ConfigError(f"give one epoch budget per teacher ({count}), or a single number; got {len(budgets)}")
+    # Checked here, so that a bad budget for a late stage does not throw away the earlier stages.
+    if any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in budgets):
+        raise ConfigError(f"every epoch budget must be a whole number of at least 1; got {budgets}")
+    return budgets
 
 
 def _sequential(run: _Run, order: str, epochs) -> TransferResult:
