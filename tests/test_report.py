@@ -1,6 +1,5 @@
 import io
 import os
-import re
 import shutil
 import statistics
 import subprocess

@@ -24,7 +24,7 @@ import statistics
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -740,6 +740,8 @@ class Study:
         log(f"data: transfer set {len(data.transfer):,} images, evaluation set {len(data.eval):,} images ({self.config.data.source})")
         cache = PredictionCache()
         models = {spec: load_model(spec, data_dir=self.config.data.dir) for spec in self.config.models()}  # bad specs fail before any run
+        for model in models.values():
+            model.module.to(device)  # the analysis and the frozen teachers run where the students train
         self._write_analysis(models, data, cache, device)
 
         search_plan = self.search_plan()
