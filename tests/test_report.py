@@ -132,6 +132,7 @@ def test_report_is_self_contained_with_figures_beside_it(folder):
     assert students["s1"][2] == "-0.50 ± 2.12" and students["s3"][6] == "+1.50 ± 0.71"
     multi = tables["multi-teacher-table"][1]
     assert multi[:5] == ["sequential", "kl_dp", "s1", "t1, t2", "2"] and multi[7] == "+1.25"
+    assert multi[10:12] == ["+1.00", "+1.00"]  # the single-teacher kl_dp runs of s1 from t1 and t2
     assert len(tables["class-table"]) == 1 + 5 * 4  # every ordered pair of five models
 
 

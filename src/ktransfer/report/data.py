@@ -180,14 +180,19 @@ def histories(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def multi_teacher_rows(records: list[dict]) -> list[dict]:
-    """The multi-teacher table, read tolerantly: teachers as a list or a string, stages optional."""
+def multi_teacher_rows(records: list[dict], single: list[dict] | None = None) -> list[dict]:
+    """The multi-teacher table, read tolerantly: teachers as a list or a string, stages optional.
+
+    Where the folder also has single-teacher runs of the same student and method from those
+    teachers, their mean and best Δ stand beside (paper Table 9 compares with both).
+    """
     rows = []
     for r in records:
         teachers = r.get("teachers") or r.get("teacher") or []
         if isinstance(teachers, str):
             teachers = [teachers]
         stages = r.get("stages") if isinstance(r.get("stages"), list) else []
+        singles = [s["delta"] for s in single or [] if s["student"] == r.get("student") and s["method"] == r.get("method") and s["teacher"] in teachers]
         rows.append({
             "strategy": str(r.get("strategy")),
             "method": str(r.get("method", "–")),
@@ -199,6 +204,9 @@ def multi_teacher_rows(records: list[dict]) -> list[dict]:
             "delta": r.get("delta"),
             "knowledge_gain": r.get("knowledge_gain"),
             "knowledge_loss": r.get("knowledge_loss"),
+            "single_mean_delta": statistics.fmean(singles) if singles else None,
+            "single_best_delta": max(singles) if singles else None,
+            "single_runs": len(singles),
             "n_eval": r.get("n_eval"),
         })
     return rows

@@ -111,12 +111,13 @@ def multi_teacher_table(data: ReportData) -> str:
     rows = [
         [html.escape(r["strategy"]), html.escape(r["method"]), html.escape(r["student"]), html.escape(r["teachers"]), str(r["stages"] or "–"),
          _fmt(r["acc_before"]), _fmt(r["acc_after"]), _signed(r["delta"]), _fmt(r["knowledge_gain"]), _fmt(r["knowledge_loss"]),
-         f"{int(r['n_eval']):,}" if is_number(r["n_eval"]) else "–"]
-        for r in multi_teacher_rows(data.multi_teacher)
+         _signed(r["single_mean_delta"]), _signed(r["single_best_delta"]), f"{int(r['n_eval']):,}" if is_number(r["n_eval"]) else "–"]
+        for r in multi_teacher_rows(data.multi_teacher, data.records)
     ]
     return table(
-        "Several teachers per student (metrics against the student before the first teacher)",
-        ["strategy", "method", "student", "teachers", "stages", "accuracy before %", "accuracy after %", "Δ", "gain", "loss", "n_eval"], rows, text_columns=4, table_id="multi-teacher-table",
+        "Several teachers per student (metrics against the student before the first teacher), beside the single-teacher runs of the same student and method from those teachers",
+        ["strategy", "method", "student", "teachers", "stages", "accuracy before %", "accuracy after %", "Δ", "gain", "loss", "single-teacher mean Δ", "single-teacher best Δ", "n_eval"],
+        rows, text_columns=4, table_id="multi-teacher-table",
     )
 
 
