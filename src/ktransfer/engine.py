@@ -132,7 +132,7 @@ class Engine:
         finally:
             module.train(was_training)
         if teacher_features is None:
-            raise ConfigError(f"method {self.method.name} compares features and needs online targets (a teacher forward pass per batch)")
+            raise ConfigError(f"method {self.method.name} compares features: give the engine OnlineTargets(..., with_features=True), as ktransfer.transfer does")
         return student_features.flatten(1).shape[1], teacher_features.flatten(1).shape[1]
 
     @property

@@ -186,6 +186,16 @@ class ContrastiveRepresentationDistillation(Method):
         student = F.normalize(self.embed_student(inputs.student_features.flatten(1)).float(), dim=1)
         teacher = F.normalize(self.embed_teacher(inputs.teacher_features.flatten(1)).float(), dim=1)
         indices = inputs.indices.to(student.device) if inputs.indices is not None else torch.full((len(student),), -1, device=student.device)
+        # Scores are divided by τ = 0.07 before exp: keep them in float32 even under bfloat16 autocast.
+        with torch.autocast(student.device.type, enabled=False):
+            contrastive = self.contrast(student, teacher, indices)
+        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
+        memory.update(indices, student.detach(), teacher.detach(), p.memory_momentum)
+        return LossOutput(p.ce_weight * ce + p.crd_weight * contrastive, {"crd": contrastive.detach(), "ce": ce.detach()})
+
+    def contrast(self, student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """L_CRD of a batch of normalised embeddings: the student as anchor against the teacher memory, plus the reverse."""
+        p, memory = self.params, self.memory
         slots = memory.slots_of(indices)
         remembered = (slots >= 0)[:, None]
         safe_slots = slots.clamp(min=0)
@@ -199,7 +209,4 @@ class ContrastiveRepresentationDistillation(Method):
             )
         student_anchor = nce_loss(student, teacher_positive, memory.teacher, slots, p.nce_temperature, self.log_normalisers[0])
         teacher_anchor = nce_loss(teacher, student_positive, memory.student, slots, p.nce_temperature, self.log_normalisers[1])
-        contrastive = student_anchor + teacher_anchor
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        memory.update(indices, student.detach(), teacher.detach(), p.memory_momentum)
-        return LossOutput(p.ce_weight * ce + p.crd_weight * contrastive, {"crd": contrastive.detach(), "ce": ce.detach()})
+        return student_anchor + teacher_anchor
