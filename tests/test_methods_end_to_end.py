@@ -78,3 +78,19 @@ def test_cli_transfer_with_params_and_methods_listing(small_fashion_mnist, tiny_
     assert record["method"] == "crd" and record["hparams"]["negatives"] == 32 and record["hparams"]["feat_dim"] == 8
     bad = runner.invoke(main, [*args[:6], "xe_kl_mcl", "--param", "update_every=0", *args[11:]])
     assert bad.exit_code != 0 and "update_every=0 is below its minimum 1" in bad.output
+
+
+def test_feature_layer_named_by_the_user(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(784, 24), nn.ReLU(), nn.Linear(24, 10))
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    images = transfer_set.images[:3]
+    features, logits = ktransfer.Model(teacher, "teacher", feature_layer="1").features_and_logits(images)
+    assert features.shape == (3, 4 * 26 * 26) and torch.allclose(logits, teacher(images.float() / 255))
+    method = create_method("crd", negatives=32, feat_dim=8)
+    ktransfer.transfer(ktransfer.Model(student, "student", feature_layer="1"), ktransfer.Model(teacher, "teacher", feature_layer="1"),
+                       transfer_set, eval_set, method=method, epochs=1, lr=0.01)
+    assert method.embed_student.in_features == 24 and method.embed_teacher.in_features == 4 * 26 * 26
+    with pytest.raises(ktransfer.errors.ModelError, match="has no layer 'body' to take features from; its layers: 0, 1, 2, 3"):
+        ktransfer.transfer(ktransfer.Model(student, "student", feature_layer="body"), teacher, transfer_set, eval_set, method="cd", epochs=1)

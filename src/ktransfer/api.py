@@ -107,8 +107,8 @@ def transfer(
     cache = cache if cache is not None else PredictionCache(enabled=False)
 
     # The user's student stays as it was and serves as the frozen original; a copy trains.
-    original = Model(student_model.module, f"{student_model.name} (original)", student_model.preprocess, student_model.family, student_model.spec, student_model._fingerprint)
-    trained = Model(copy.deepcopy(student_model.module).to(device), student_model.name, student_model.preprocess, student_model.family, student_model.spec)
+    original = Model(student_model.module, f"{student_model.name} (original)", student_model.preprocess, student_model.family, student_model.spec, student_model._fingerprint, student_model.feature_layer)
+    trained = Model(copy.deepcopy(student_model.module).to(device), student_model.name, student_model.preprocess, student_model.family, student_model.spec, feature_layer=student_model.feature_layer)
     for model in (original, *teachers):
         model.module.to(device)
 
@@ -147,7 +147,7 @@ def transfer(
     }
     if len(teachers) > 1:
         metrics["teachers"] = [t.spec or t.name for t in teachers]
-    final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec)
+    final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec, feature_layer=trained.feature_layer)
     return TransferResult(result_module, metrics, history, final_model)
 
 

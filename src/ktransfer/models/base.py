@@ -58,7 +58,8 @@ class Model:
 
     ``module`` maps preprocessed images to logits. ``forward_features``/``forward_head`` are
     used where the module has them (zoo and timm models); otherwise the input of the final
-    ``nn.Linear`` is taken as the features (see :meth:`features_and_logits`).
+    ``nn.Linear`` is taken as the features (see :meth:`features_and_logits`). ``feature_layer``
+    names a submodule (as in ``named_modules()``) whose flattened output are the features instead.
     """
 
     module: nn.Module
@@ -67,6 +68,7 @@ class Model:
     family: str = ""
     spec: str = ""
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    feature_layer: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +90,8 @@ class Model:
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)
         module = self.module
+        if self.feature_layer is not None:
+            return self._named_layer_features_and_logits(x)
         if hasattr(module, "forward_features") and hasattr(module, "forward_head"):
             features = module.forward_features(x)
             return features, module.forward_head(features)
@@ -101,6 +105,22 @@ class Model:
         finally:
             handle.remove()
         return captured["features"], logits
+
+    def _named_layer_features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            layer = self.module.get_submodule(self.feature_layer)
+        except AttributeError:
+            names = [name for name, _ in self.module.named_modules() if name]
+            raise ModelError(f"{self.name}: has no layer {self.feature_layer!r} to take features from; its layers: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}") from None
+        captured = {}
+        handle = layer.register_forward_hook(lambda _m, _args, output: captured.__setitem__("features", output))
+        try:
+            logits = self.module(x)
+        finally:
+            handle.remove()
+        if not isinstance(captured.get("features"), torch.Tensor):
+            raise ModelError(f"{self.name}: layer {self.feature_layer!r} did not produce a tensor in the forward pass; name another layer")
+        return captured["features"].flatten(1), logits
 
     def fingerprint(self) -> str:
         """A hash of the weights, buffers and preprocessing; frozen models only (it is cached)."""
