@@ -200,6 +200,29 @@ def test_load_results_reads_a_demo_folder(tmp_path):
     assert list(frame["delta"]) == [1.5, -0.5] and "history" not in frame.columns and list(frame["hparam_temperature"]) == [1.0, 1.0]
 
 
+def test_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
+    from ktransfer.extras import MissingExtraError
+
+    (tmp_path / "s.yaml").write_text("students: [zoo:cnn, zoo:mlp]\nmethods: [kl]\n")
+    (tmp_path / "s.json").write_text(json.dumps({"students": ["zoo:cnn", "zoo:mlp"], "methods": ["kl"]}))
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if pyyaml were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'ktransfer\[study\]'"):
+        StudyConfig.load(tmp_path / "s.yaml")
+    assert StudyConfig.load(tmp_path / "s.json").name == "s"  # JSON needs nothing extra
+
+
+def test_one_process_per_study_folder(tmp_path):
+    from ktransfer.study import StudyError, _exclusive
+
+    study = make_study(tmp_path, tmp_path)
+    study.folder.mkdir()
+    with _exclusive(study.folder):
+        with pytest.raises(StudyError, match="another process is running the study"):
+            study.run(log=lambda line: None)
+        assert study.status()["active"] is True
+    assert study.status()["active"] is False
+
+
 # ---------------------------------------------------------------- a real kill
 
 LAUNCHER = """

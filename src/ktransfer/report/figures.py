@@ -40,7 +40,8 @@ def success_rate_boxplot(data: ReportData):
     figure = _figure(max(4.0, 1.4 * len(methods) + 2), 4.0)
     axes = figure.add_subplot()
     values = [list(rates[m].values()) for m in methods]
-    axes.boxplot(values, tick_labels=methods, showmeans=True, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black"})
+    axes.boxplot(values, showmeans=True, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black"})
+    axes.set_xticks(range(1, len(methods) + 1), methods)  # (boxplot's own label argument was renamed in matplotlib 3.9)
     colours = _colours(data.students)
     jitter = np.random.default_rng(0)
     for i, method in enumerate(methods, 1):
