@@ -88,12 +88,17 @@ def _class_names(view: dict) -> list[str]:
 def pairs_concentration_table(views: list[dict], n_eval: int):
     from rich.table import Table
 
-    table = Table(title=f"Where the complementary knowledge sits: positive flips per class, every pair (n={n_eval:,})")
-    for column in ("student", "teacher", "ρ_pos %", "entropy", "uniform", "top-2%", "top-5%", "top-20%", "top-50% classes"):
+    percents = list(views[0]["top_classes"]) if views else []
+    table = Table(title=(
+        f"Where the complementary knowledge sits: positive flips per class, every pair (n={n_eval:,}). "
+        f"The top-X% classes are the fewest holding X% of the flips; each set starts the next, so the largest is listed"
+    ))
+    for column in ("student", "teacher", "ρ_pos %", "entropy", "uniform", f"classes for {'/'.join(f'{p:g}' for p in percents)}%", f"top-{percents[-1]:g}% classes" if percents else "classes"):
         table.add_column(column, justify="right" if column in ("ρ_pos %", "entropy", "uniform") else "left")
     for view in views:
+        sizes = " / ".join(str(len(view["top_classes"][p])) for p in percents)
         table.add_row(
             view["student"].removeprefix("zoo:"), view["teacher"].removeprefix("zoo:"), f"{view['positive_flips']:.2f}",
-            f"{view['entropy']:.3f}", f"{view['uniform_entropy']:.3f}", _top(view, 2), _top(view, 5), _top(view, 20), _top(view, 50),
+            f"{view['entropy']:.3f}", f"{view['uniform_entropy']:.3f}", sizes, _top(view, percents[-1]),
         )
     return table
