@@ -137,8 +137,17 @@ def _as_list(items):
     return items
 
 
-def _loader(dataset: Dataset, batches: list[list[int]], workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_as_list, persistent_workers=False)
+def _stack_decoded(items):
+    """In the worker: ``(indices of the decoded, their images stacked, [(index, error), ...])``."""
+    decoded = [(i, image) for i, image, error in items if error is None]
+    failures = [(i, error) for i, _, error in items if error is not None]
+    index = torch.tensor([i for i, _ in decoded], dtype=torch.long)
+    images = torch.stack([image for _, image in decoded]) if decoded else None
+    return index, images, failures
+
+
+def _loader(dataset: Dataset, batches: list[list[int]], workers: int, collate=_as_list, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
 
 
 def _failure_message(listing: FolderListing, failures: list[tuple[str, str]]) -> str:
@@ -158,6 +167,7 @@ class FolderImageData:
     image_size: int
     channels: int = 3
     workers: int = field(default_factory=default_workers)
+    pin_memory: bool = field(default_factory=torch.cuda.is_available)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -192,16 +202,17 @@ class FolderImageData:
         return self._fingerprint
 
     def subset(self, indices: Sequence[int] | torch.Tensor, name: str) -> "FolderImageData":
-        return FolderImageData(self.listing.subset(indices, name), self.image_size, self.channels, self.workers)
+        return FolderImageData(self.listing.subset(indices, name), self.image_size, self.channels, self.workers, self.pin_memory)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         chunks = [chunk.tolist() for chunk in order.split(batch_size)]
-        for items in _loader(_DecodedFiles(self.listing, self.image_size, self.channels), chunks, min(self.workers, len(chunks))):
-            failures = [(self.listing.files[i], error) for i, _, error in items if error is not None]
+        # Pinned memory lets the engine's non_blocking copy to the GPU overlap the next batch's decoding.
+        loader = _loader(_DecodedFiles(self.listing, self.image_size, self.channels), chunks, min(self.workers, len(chunks)), _stack_decoded, self.pin_memory)
+        for index, images, failures in loader:
             if failures:
-                raise DataError(_failure_message(self.listing, failures) + "; remove or fix them (loading the folder into memory with skip_corrupt / --skip-corrupt leaves them out)")
-            index = torch.tensor([i for i, _, _ in items], dtype=torch.long)
-            yield index, torch.stack([image for _, image, _ in items]), self.labels[index]
+                named = [(self.listing.files[i], error) for i, error in failures]
+                raise DataError(_failure_message(self.listing, named) + "; remove or fix them (loading the folder into memory with skip_corrupt / --skip-corrupt leaves them out)")
+            yield index, images, self.labels[index]
 
 
 def _check_headers(listing: FolderListing, workers: int) -> list[tuple[str, str]]:
@@ -269,12 +280,10 @@ def load_folder(
     ok = torch.zeros(len(listing), dtype=torch.bool)
     failures = []
     chunks = [list(range(start, min(start + 64, len(listing)))) for start in range(0, len(listing), 64)]
-    for items in _loader(_DecodedFiles(listing, image_size, channels), chunks, min(workers, len(chunks))):
-        for index, image, error in items:
-            if error is None:
-                images[index], ok[index] = image, True
-            else:
-                failures.append((listing.files[index], error))
+    for index, decoded, batch_failures in _loader(_DecodedFiles(listing, image_size, channels), chunks, min(workers, len(chunks)), _stack_decoded):
+        if decoded is not None:
+            images[index], ok[index] = decoded, True
+        failures.extend((listing.files[i], error) for i, error in batch_failures)
     kept = _drop_failures(listing, failures, skip_corrupt, log)
     if failures:
         images = images[ok]
