@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ktransfer.methods import create_method
 from ktransfer.methods.base import StepInputs
@@ -89,15 +90,18 @@ def test_memory_queue_is_bounded_fifo_with_momentum_for_remembered_samples():
 
 def test_crd_trains_its_heads_and_keeps_its_memory_bounded(tiny_data):
     import ktransfer
-    from ktransfer.models.zoo import MLP, SmallCNN
+    from ktransfer.models.zoo import MLP
 
     transfer_set, eval_set = tiny_data
     torch.manual_seed(0)
     method = create_method("crd", negatives="48", feat_dim=8)
-    result = ktransfer.transfer(MLP(hidden=32), SmallCNN(), transfer_set, eval_set, method=method, epochs=2, lr=0.01, batch_size=64)
+    teacher = MLP(hidden=48)
+    teacher.body[3] = nn.Linear(48, 20)  # a teacher with 20-wide features
+    teacher.head = nn.Linear(20, 10)
+    result = ktransfer.transfer(MLP(hidden=32), teacher, transfer_set, eval_set, method=method, epochs=2, lr=0.01, batch_size=64)
     assert method.memory.nbytes == 2 * 48 * 8 * 4 + 48 * 8  # 384 samples seen twice, 48 remembered
     assert method.memory.index.ge(0).all() and len(set(method.memory.index.tolist())) == 48
-    assert method.embed_student.weight.shape == (8, MLP().num_features) and method.embed_teacher.weight.shape == (8, SmallCNN().num_features)
+    assert method.embed_student.weight.shape == (8, MLP().num_features) and method.embed_teacher.weight.shape == (8, 20)
     for head in (method.embed_student, method.embed_teacher):  # in the optimiser, trained by the loss
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     history = result.history
