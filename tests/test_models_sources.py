@@ -44,6 +44,11 @@ def make(width=8, classes=3):
 def make_with_classes(num_classes=10, width=8):
     return TinyNet(width, num_classes)
 
+def make_with_config():
+    net = TinyNet()
+    net.pretrained_cfg = {"input_size": (3, 20, 20), "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bicubic", "crop_pct": 0.9}
+    return net
+
 CALLS = []
 '''
 
@@ -81,6 +86,8 @@ def test_python_factory_specs(user_module):
     assert model.spec == "usermodels_k6:make?width=4&input_size=16&mean=0.5&std=0.25" and not model.module.training
     # num_classes: passed to a factory that takes it, else a new classification layer.
     assert load_model("usermodels_k6:make_with_classes?num_classes=5").num_classes == 5
+    configured = load_model("usermodels_k6:make_with_config").preprocess
+    assert configured == Preprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), (20, 20), 3, "bicubic", 0.9)
     refitted = load_model("python:usermodels_k6:make?num_classes=7")
     assert refitted.num_classes == 7 and refitted.module.fc.out_features == 7
     with pytest.raises(ModelError, match="has no attribute"):

@@ -237,6 +237,19 @@ def timm_preprocess(module: nn.Module, kwargs: dict[str, Any]) -> Preprocess:
     )
 
 
+def preprocess_from_config(config: dict) -> Preprocess:
+    """From a timm-style config dict (``input_size`` as (C, H, W), mean, std, interpolation, crop_pct), without timm."""
+    channels, height, width = config.get("input_size", (3, None, None))
+    return Preprocess(
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config.get("std", (1.0,) * len(config["mean"]))),
+        input_size=(int(height), int(width)) if height else None,
+        in_chans=int(channels),
+        interpolation=interpolation_name(config.get("interpolation", "bilinear")),
+        crop_pct=float(config["crop_pct"]) if config.get("crop_pct") else None,
+    )
+
+
 @register_source("timm")
 def timm_model(rest: str, **_) -> Model:
     spec = f"timm:{rest}"
@@ -366,7 +379,7 @@ def python_model(target: str, **_) -> Model:
     elif isinstance(built, nn.Module):
         module, family = built, guess_family(built)
         config = getattr(built, "pretrained_cfg", None)
-        base = timm_preprocess(built, {}) if isinstance(config, dict) and config.get("mean") else Preprocess()
+        base = preprocess_from_config(config) if isinstance(config, dict) and config.get("mean") else Preprocess()
     else:
         raise ModelError(f"model spec {spec!r}: {target} returned a {type(built).__name__}; it must return an nn.Module or a ktransfer.Model")
     if file:
