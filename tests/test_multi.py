@@ -347,5 +347,11 @@ def test_multi_teacher_demo(small_fashion_mnist, tiny_zoo, tmp_path):
     assert strategies.count(None) == 4 and strategies.count("sequential") == 2 and strategies.count("parallel") == 1 and strategies.count("soup") == 4
     soups = [r for r in records if r.get("strategy") == "soup"]
     assert all(i["reused"] for r in soups for i in r["ingredients"])  # the single-teacher runs are the ingredients
+    # A rerun into the same folder reuses every finished run (the soups take the saved single-teacher students).
+    again = run_cli("demo", "--multi-teacher", "--students", "resnet", "--teachers", "mlp,cnn", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
+    assert again.exit_code == 0, again.output
+    assert f"reused {len(records)} finished runs" in again.output
+    assert len(read_records(tmp_path / "results.jsonl")) == len(records)
+    assert json.loads((tmp_path / "multi_teacher.json").read_text())["rows"] == table["rows"]
     error = run_cli("demo", "--multi-teacher", "--students", "cnn", "--teachers", "cnn,mlp", "--out", tmp_path / "x", "--data-dir", small_fashion_mnist)
     assert error.exit_code != 0 and "cannot be both student and teacher" in error.output

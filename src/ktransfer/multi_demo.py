@@ -8,16 +8,19 @@ shows what it does.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from rich.console import Console
 from rich.table import Table
 
 from . import tables
-from .api import transfer
+from .api import TransferResult, transfer
 from .data import fashion_mnist
 from .demo import DemoOptions, _jsonable, _progress
 from .errors import ConfigError
@@ -26,7 +29,8 @@ from .metrics import accuracy
 from .models.store import load_zoo_model
 from .multi import batch_norm_layers, transfer_multi
 from .predictions import PredictionCache
-from .results import append_record
+from .models.base import Model
+from .results import append_record, read_records
 
 # Students of three families and three teachers of three others, as the paper took three and three.
 MULTI_TEACHER_PROFILES = {
@@ -34,6 +38,22 @@ MULTI_TEACHER_PROFILES = {
     "quick": {"students": ["cnn", "mixer"], "teachers": ["mlp", "convnext", "vit"]},
 }
 STRATEGY_COLUMNS = ("sequential", "parallel", "soup", "soup_bn")
+STUDENTS_FOLDER = "multi-teacher-students"  # the single-teacher students, kept so a rerun can make its soups without retraining
+
+
+def _run_key(record: dict) -> tuple:
+    return (
+        record["student"], record["teacher"], record.get("strategy"), record["method"], json.dumps(record["epochs"]), record["lr"],
+        record["seed"], record.get("batch_size"), json.dumps(record["hparams"], sort_keys=True), bool(record.get("recalibrate_bn")),
+    )
+
+
+def _weights_file(out: Path, record: dict) -> Path:
+    name = f"{record['student']}-from-{record['teacher']}-{record['method']}-e{record['epochs']}-lr{record['lr']:g}-s{record['seed']}-b{record.get('batch_size')}"
+    hparams = "_".join(f"{k}={v}" for k, v in sorted(record["hparams"].items()))
+    for character in ":/?&= ":
+        name, hparams = name.replace(character, "_"), hparams.replace(character, "_")
+    return out / STUDENTS_FOLDER / f"{name}-{hparams or 'default'}.safetensors"
 
 
 def resolve_multi_teacher(options: DemoOptions) -> DemoOptions:
@@ -76,6 +96,8 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache)
     teachers = [models[name] for name in options.teachers]
     results_path = out / "results.jsonl"
+    previous = {_run_key(r): r for r in read_records(results_path) if "hparams" in r} if results_path.exists() else {}
+    reused = 0
     rows, records = [], []
     runs_per_pair = len(options.teachers) * 2 + 3  # singles, sequential stages, parallel, soups
     with _progress(console) as progress:
@@ -87,17 +109,33 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                 method_obj = create_method(method)
                 row = {"student": student_name, "family": student.family, "parameters": student.num_parameters, "method": method}
 
+                def take_finished(record: dict) -> dict:
+                    nonlocal reused
+                    records.append(record)
+                    reused += 1
+                    return record
+
                 def keep(record: dict, label: str) -> None:
                     append_record(results_path, record)
                     records.append(record)
                     progress.console.print(f"  {method:<6} {label:<24} → {student_name:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)")
 
+                planned = dict(student=student.spec, method=method, epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, hparams=method_obj.describe())
                 singles = []
                 for teacher_name, teacher in zip(options.teachers, teachers):
                     progress.update(overall, description=f"{method}: {teacher_name} → {student_name}")
-                    result = transfer(student, teacher, splits.transfer, splits.eval, method=create_method(method), **settings)
+                    done = previous.get(_run_key({**planned, "teacher": teacher.spec}))
+                    weights = _weights_file(out, {**planned, "teacher": teacher.spec})
+                    # A finished run is reused only with its student, which the soup needs as an ingredient.
+                    if done is not None and weights.is_file():
+                        module = copy.deepcopy(student.module)
+                        module.load_state_dict(load_file(weights))
+                        result = TransferResult(module, take_finished(done), done.get("history", []), Model(module.eval(), student.name, student.preprocess, student.family, student.spec))
+                    else:
+                        result = transfer(student, teacher, splits.transfer, splits.eval, method=create_method(method), **settings)
+                        result.save_student(weights)
+                        keep(result.metrics, teacher_name)
                     singles.append(result)
-                    keep(result.metrics, teacher_name)
                     progress.advance(overall)
                 deltas = [r.metrics["delta"] for r in singles]
                 row.update(
@@ -106,36 +144,41 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                     single_mean=statistics.fmean(deltas), single_min=min(deltas), single_max=max(deltas),
                 )
 
-                progress.update(overall, description=f"{method}: sequential → {student_name}")
-                sequential = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="sequential", **settings)
-                keep(sequential.metrics, "sequential")
-                row["sequential"] = sequential.metrics["delta"]
-                row["sequential_order"] = [name.removeprefix("zoo:") for name in sequential.metrics["stage_teachers"]]
+                several = {**planned, "teacher": "+".join(t.spec for t in teachers)}
+
+                def run_strategy(strategy: str, label: str, **extra) -> dict:
+                    done = previous.get(_run_key({**several, "strategy": strategy, "recalibrate_bn": extra.get("recalibrate_bn", False)}))
+                    if done is not None:
+                        return take_finished(done)
+                    progress.update(overall, description=f"{method}: {label} → {student_name}")
+                    result = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy=strategy, **settings, **extra)
+                    keep(result.metrics, label)
+                    return result.metrics
+
+                sequential = run_strategy("sequential", "sequential")
+                row["sequential"] = sequential["delta"]
+                row["sequential_order"] = [name.removeprefix("zoo:") for name in sequential["stage_teachers"]]
                 progress.advance(overall, len(teachers))
 
                 row["parallel"] = None
                 if method_obj.supports_multiple_teachers and getattr(method_obj.params, "routing", "confidence") == "confidence":
-                    progress.update(overall, description=f"{method}: parallel → {student_name}")
-                    parallel = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="parallel", **settings)
-                    keep(parallel.metrics, "parallel")
-                    row["parallel"] = parallel.metrics["delta"]
-                    row["parallel_shares"] = parallel.metrics["routed_shares"]
+                    parallel = run_strategy("parallel", "parallel")
+                    row["parallel"] = parallel["delta"]
+                    row["parallel_shares"] = parallel["routed_shares"]
                 progress.advance(overall)
 
                 # The single-teacher students above are the soup's ingredients: no transfer is repeated.
-                soup = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="soup", reuse=singles, **settings)
-                keep(soup.metrics, "soup")
-                row["soup"] = soup.metrics["delta"]
+                row["soup"] = run_strategy("soup", "soup", reuse=singles)["delta"]
                 row["soup_bn"] = None
                 if has_batch_norm:
-                    soup_bn = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy="soup", reuse=singles, recalibrate_bn=True, **settings)
-                    keep(soup_bn.metrics, "soup, BN recomputed")
-                    row["soup_bn"] = soup_bn.metrics["delta"]
+                    row["soup_bn"] = run_strategy("soup", "soup, BN recomputed", reuse=singles, recalibrate_bn=True)["delta"]
                 progress.advance(overall, 2)
                 rows.append(row)
 
     n_eval = len(splits.eval)
     teacher_rows = [r for r in zoo_rows if r["name"] in options.teachers]
+    if reused:
+        console.print(f"reused {reused} finished runs from {results_path}")
     console.print(multi_teacher_table(rows, teacher_rows, n_eval, options.epochs))
     timing = {"total_seconds": time.perf_counter() - started}
     summary = {"options": _jsonable(options), "teachers": teacher_rows, "rows": rows, "n_eval": n_eval, "timing": timing}
