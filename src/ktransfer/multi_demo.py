@@ -183,7 +183,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     timing = {"total_seconds": time.perf_counter() - started}
     summary = {"options": _jsonable(options), "teachers": teacher_rows, "rows": rows, "n_eval": n_eval, "timing": timing}
     (out / "multi_teacher.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"total {timing['total_seconds']:.0f}s. Table: [bold]{out / 'multi_teacher.json'}[/]; records appended to [bold]{results_path}[/]")
+    console.print(f"total {timing['total_seconds']:.0f}s. Table: [bold]{out / 'multi_teacher.json'}[/]; every run's record in [bold]{results_path}[/]")
     return {"rows": rows, "records": records, "teachers": teacher_rows, "timing": timing, "out": out}
 
 
