@@ -58,6 +58,7 @@ def test_demo_bad_input(small_fashion_mnist, tmp_path):
     one_line_error(run("demo", "--methods", "kl,nope", "--out", tmp_path, "--data-dir", small_fashion_mnist), "unknown method 'nope'")
     one_line_error(run("demo", "--students", "cnn,alexnet", "--out", tmp_path, "--data-dir", small_fashion_mnist), "alexnet")
     one_line_error(run("demo", "--out", tmp_path, "--data-dir", tmp_path / "missing"), "does not exist")
+    one_line_error(run("demo", "--out", tmp_path, "--device", "tpu7", "--data-dir", small_fashion_mnist), "unknown device 'tpu7'")
 
 
 def test_demo_end_to_end_and_resume(small_fashion_mnist, tiny_zoo, tmp_path):

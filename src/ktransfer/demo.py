@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .api import transfer
+from .engine import check_device
 from .data import fashion_mnist
 from .analysis import analyze_predictions
 from .errors import ConfigError, KTransferError
@@ -46,6 +47,7 @@ class DemoOptions:
     teachers: list[str] | None = None
     data_dir: str | None = None
     batch_size: int = 128
+    device: str = "cpu"
 
     def resolve(self) -> "DemoOptions":
         if self.profile not in PROFILES:
@@ -63,6 +65,7 @@ class DemoOptions:
             self.methods = list(dict.fromkeys(expanded))
         for method in self.methods:
             create_method(method)  # unknown names fail here, before any training
+        check_device(self.device)
         return self
 
 
@@ -124,7 +127,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
             progress.update(overall, description=f"{method}: {teacher} → {student}")
             result = transfer(
                 models[student], models[teacher], splits.transfer, splits.eval, method=method_obj,
-                epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache,
+                epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache, device=options.device,
             )
             record = result.metrics
             append_record(results_path, record)

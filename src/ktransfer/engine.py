@@ -47,6 +47,19 @@ class TrainConfig:
             raise ConfigError(f"momentum must lie in [0, 1); got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """A device name torch knows and this machine has."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
 
 
 class Evaluator:

@@ -93,7 +93,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     ]
     console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
 
-    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache)
+    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache, device=options.device)
     teachers = [models[name] for name in options.teachers]
     results_path = out / "results.jsonl"
     previous = {_run_key(r): r for r in read_records(results_path) if "hparams" in r} if results_path.exists() else {}

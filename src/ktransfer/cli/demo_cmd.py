@@ -18,8 +18,9 @@ from .options import data_dir_option, split_list
 @click.option("--students", default=None, help="Comma-separated zoo models to use as students (default: the profile's).")
 @click.option("--teachers", default=None, help="Comma-separated zoo models to use as teachers (default: the whole zoo).")
 @click.option("--multi-teacher", is_flag=True, help="Run the multi-teacher table instead (appendix Table 9): per student, each single teacher's Δ (mean, min, max) beside sequential, parallel and soup transfer from all teachers. Default students cnn,resnet,mixer (quick: cnn,mixer), teachers mlp,convnext,vit; writes multi_teacher.json.")
+@click.option("--device", default="cpu", show_default=True, help="Where transfers run: cpu, cuda, cuda:1, mps. The zoo always trains on the CPU.")
 @data_dir_option
-def demo_command(profile, out, methods, epochs, lr, seed, students, teachers, data_dir, multi_teacher):
+def demo_command(profile, out, methods, epochs, lr, seed, students, teachers, data_dir, multi_teacher, device):
     """Train (or reload) the embedded zoo, measure complementary knowledge, and transfer between every pair.
 
     Shows the paper's finding on Fashion-MNIST: plain KL distillation from a weaker teacher makes the
@@ -30,7 +31,7 @@ def demo_command(profile, out, methods, epochs, lr, seed, students, teachers, da
 
     options = DemoOptions(
         profile=profile, out=out, methods=split_list(methods) or [], epochs=epochs, lr=lr, seed=seed,
-        students=split_list(students), teachers=split_list(teachers), data_dir=data_dir,
+        students=split_list(students), teachers=split_list(teachers), data_dir=data_dir, device=device,
     )
     if multi_teacher:
         run_multi_teacher_demo(options)
