@@ -304,20 +304,20 @@ def run_cli(*args):
 def test_transfer_command_with_several_teachers(small_fashion_mnist, tiny_zoo, tmp_path):
     from ktransfer.results import REQUIRED_KEYS, read_records
 
-    base = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--teacher", "zoo:resnet", "--epochs", "1", "--lr", "1e-3", "--data-dir", small_fashion_mnist]
+    base = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--teacher", "zoo:mixer", "--epochs", "1", "--lr", "1e-3", "--data-dir", small_fashion_mnist]
     result = run_cli(*base, "--strategy", "soup", "--recalibrate-bn", "--method", "kl", "--out", tmp_path / "soup")
     assert result.exit_code == 0, result.output
-    assert "ingredient 2 (zoo:resnet)" in result.output
+    assert "ingredient 2 (zoo:mixer)" in result.output
     (record,) = read_records(tmp_path / "soup" / "results.jsonl")
     assert set(REQUIRED_KEYS) <= set(record)
-    assert record["strategy"] == "soup" and record["teachers"] == ["zoo:mlp", "zoo:resnet"] and record["teacher"] == "zoo:mlp+zoo:resnet"
-    assert [i["teacher"] for i in record["ingredients"]] == ["zoo:mlp", "zoo:resnet"] and record["recalibrate_bn"] is True
+    assert record["strategy"] == "soup" and record["teachers"] == ["zoo:mlp", "zoo:mixer"] and record["teacher"] == "zoo:mlp+zoo:mixer"
+    assert [i["teacher"] for i in record["ingredients"]] == ["zoo:mlp", "zoo:mixer"] and record["recalibrate_bn"] is True
     assert list((tmp_path / "soup").glob("*soup-kl.safetensors"))
 
     result = run_cli(*base, "--strategy", "sequential", "--order", "given", "--out", tmp_path / "seq")
     assert result.exit_code == 0, result.output
     (record,) = read_records(tmp_path / "seq" / "results.jsonl")
-    assert record["stage_teachers"] == ["zoo:mlp", "zoo:resnet"] and [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["stage_teachers"] == ["zoo:mlp", "zoo:mixer"] and [h["epoch"] for h in record["history"]] == [1, 2]
 
     def error(result, fragment):
         assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith("Error: ") and fragment in result.output
@@ -332,7 +332,7 @@ def test_multi_teacher_demo(small_fashion_mnist, tiny_zoo, tmp_path):
 
     from ktransfer.results import read_records
 
-    result = run_cli("demo", "--multi-teacher", "--students", "resnet", "--teachers", "mlp,cnn", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
+    result = run_cli("demo", "--multi-teacher", "--students", "mlp", "--teachers", "cnn,mixer", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
     assert result.exit_code == 0, result.output
     assert "Transfer from several teachers" in result.output
     table = json.loads((tmp_path / "multi_teacher.json").read_text())
@@ -341,14 +341,14 @@ def test_multi_teacher_demo(small_fashion_mnist, tiny_zoo, tmp_path):
     for row in rows.values():
         deltas = list(row["single_deltas"].values())
         assert row["single_min"] <= row["single_mean"] <= row["single_max"] and len(deltas) == 2
-        assert row["soup_bn"] is not None  # the resnet student has batch norm
+        assert row["soup_bn"] is None  # the mlp student has no batch norm: no second soup
     records = read_records(tmp_path / "results.jsonl")
     strategies = [r.get("strategy") for r in records]
-    assert strategies.count(None) == 4 and strategies.count("sequential") == 2 and strategies.count("parallel") == 1 and strategies.count("soup") == 4
+    assert strategies.count(None) == 4 and strategies.count("sequential") == 2 and strategies.count("parallel") == 1 and strategies.count("soup") == 2
     soups = [r for r in records if r.get("strategy") == "soup"]
     assert all(i["reused"] for r in soups for i in r["ingredients"])  # the single-teacher runs are the ingredients
     # A rerun into the same folder reuses every finished run (the soups take the saved single-teacher students).
-    again = run_cli("demo", "--multi-teacher", "--students", "resnet", "--teachers", "mlp,cnn", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
+    again = run_cli("demo", "--multi-teacher", "--students", "mlp", "--teachers", "cnn,mixer", "--epochs", "1", "--out", tmp_path, "--data-dir", small_fashion_mnist)
     assert again.exit_code == 0, again.output
     assert f"reused {len(records)} finished runs" in again.output
     assert len(read_records(tmp_path / "results.jsonl")) == len(records)
