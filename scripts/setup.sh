@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="."
+extras=".[report]"
 if [[ "${1:-}" == "--test" ]]; then extras=".[test]"; fi
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
@@ -29,7 +29,10 @@ python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 # torchvision, and this torchvision pairs with torch 2.14.1. Set KTRANSFER_TORCH to pick another.
 torch_requirement="torch==2.13.0"
 if [[ "${1:-}" == "--test" ]]; then torch_requirement="torch==2.14.1 torchvision==0.29.1"; fi
-# shellcheck disable=SC2086 # the requirement may name several packages
-.venv/bin/python -m pip install -q ${KTRANSFER_TORCH:-$torch_requirement}
+# The demo runs on any torch already in the venv (for example the one --test installed).
+if [[ "${1:-}" == "--test" || -n "${KTRANSFER_TORCH:-}" ]] || ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086 # the requirement may name several packages
+  .venv/bin/python -m pip install -q ${KTRANSFER_TORCH:-$torch_requirement}
+fi
 .venv/bin/python -m pip install -q -e "$extras"
 echo "ktransfer is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))" >&2
