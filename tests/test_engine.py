@@ -106,3 +106,16 @@ def test_train_state_round_trip(tiny_data):
     other.state.load_state_dict(state)
     assert other.state.epoch == 2 and other.state.step == engine.state.step and other.state.history == engine.state.history
     assert torch.equal(other.state.generator.get_state(), engine.state.generator.get_state())
+
+
+def test_zoo_models_are_reproducible(small_fashion_mnist, tiny_zoo, isolated_cache):
+    """The same recipe gives the same weights, whatever the global RNG did before."""
+    import shutil
+
+    from ktransfer.models.store import load_zoo_model
+
+    first = load_zoo_model("cnn", small_fashion_mnist).module.state_dict()
+    shutil.rmtree(isolated_cache / "zoo")
+    torch.rand(1000)  # move the global RNG on
+    second = load_zoo_model("cnn", small_fashion_mnist).module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

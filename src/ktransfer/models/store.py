@@ -23,7 +23,7 @@ from ..paths import cache_dir
 from .base import Model, Preprocess
 from .zoo import ZOO_ARCHITECTURES
 
-ZOO_FORMAT = 1  # bump when architectures change: old weights are then retrained, not misloaded
+ZOO_FORMAT = 2  # bump when architectures change: old weights are then retrained, not misloaded
 FASHION_MNIST_PREPROCESS = Preprocess(mean=(fashion_mnist.MEAN,), std=(fashion_mnist.STD,), input_size=(28, 28), in_chans=1)
 
 
@@ -80,7 +80,9 @@ def load_zoo_model(
         recipe = DEFAULT_ZOO[name]
     splits = fashion_mnist.load(data_dir)
     family = ZOO_ARCHITECTURES[recipe.arch][0] if recipe.arch in ZOO_ARCHITECTURES else ""
-    module = build(recipe.arch)
+    with torch.random.fork_rng():  # the same weights whatever ran before, and the caller's RNG left alone
+        torch.manual_seed(recipe.seed)
+        module = build(recipe.arch)
     path = weights_path(name, recipe, splits.pool)
     if path.is_file():
         try:
