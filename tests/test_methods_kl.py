@@ -78,3 +78,21 @@ def test_create_method_errors():
     with pytest.raises(ConfigError, match="not a valid"):
         create_method("kl", temperature="hot")
     assert create_method("kl_dp", supervised="false").params.supervised is False
+
+
+@pytest.mark.parametrize("name, hparams, teachers", [("kl_dp", {}, 1), ("kl_dp", {"supervised": False}, 1), ("kl_dp", {}, 3), ("kl_dp", {"routing": "teacher_on_positive_flips"}, 1), ("kl", {"temperature": 4.0}, 1)])
+def test_targets_computed_once_equal_per_batch_targets(name, hparams, teachers):
+    """What fixed_targets computes over the whole set gives the same loss and stats as computing per batch."""
+    torch.manual_seed(1)
+    n, c = 50, 6
+    teacher, original, labels = torch.randn(teachers, n, c), torch.randn(n, c), torch.randint(0, c, (n,))
+    method = create_method(name, **hparams)
+    fixed = method.fixed_targets(teacher, original, labels)
+    rows = torch.tensor([3, 17, 4, 40, 41])
+    student = torch.randn(len(rows), c)
+    per_batch = method.loss(StepInputs(student, labels[rows], teacher[:, rows], original[rows]))
+    precomputed = method.loss(StepInputs(student, labels[rows], teacher[:, rows], original[rows], fixed={k: v[rows] for k, v in fixed.items()}))
+    assert precomputed.loss.item() == pytest.approx(per_batch.loss.item(), rel=1e-6)
+    assert set(precomputed.stats) == set(per_batch.stats)
+    for key in per_batch.stats:
+        assert float(precomputed.stats[key]) == pytest.approx(float(per_batch.stats[key]))

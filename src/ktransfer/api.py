@@ -136,7 +136,7 @@ def transfer(
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         "seed": config.seed,
-        "targets": targets,
+        "targets": "online" if isinstance(source, OnlineTargets) else "cached",  # feature methods always run online
         "hparams": method.describe(),
         "n_transfer": len(transfer_set),
         "transfer_data": transfer_set.name,

@@ -21,7 +21,7 @@ from .methods.base import Method, StepInputs
 from .metrics import accuracy, transfer_metrics
 from .models.base import Model
 from .predictions import compute_logits
-from .targets import TargetSource
+from .targets import CachedTargets, TargetSource
 
 
 @dataclass
@@ -121,6 +121,10 @@ class Engine:
             raise ConfigError(f"method {method.name} needs a teacher; none was given")
         self.student, self.method, self.data, self.config = student, method, data, config
         self.targets, self.evaluator = targets, evaluator
+        self.fixed = None
+        if isinstance(targets, CachedTargets):
+            labels = data.labels.to(config.device)
+            self.fixed = method.fixed_targets(targets.teacher_logits, targets.original_logits, labels)
         self.on_step, self.on_epoch = on_step, on_epoch
         torch.manual_seed(config.seed)
         if method.needs_features and targets is not None:
@@ -176,6 +180,7 @@ class Engine:
                     student_features=features,
                     teacher_features=batch.teacher_features if batch else None,
                     indices=index,
+                    fixed={key: value[index.to(value.device)] for key, value in self.fixed.items()} if self.fixed is not None else None,
                 )
                 out = method.loss(inputs)
             loss_value = out.loss.detach()

@@ -52,6 +52,8 @@ class StepInputs:
     student_features: torch.Tensor | None = None
     teacher_features: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+    # This batch's rows of what :meth:`Method.fixed_targets` computed once over the transfer set.
+    fixed: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -85,6 +87,15 @@ class Method:
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         raise NotImplementedError
+
+    def fixed_targets(self, teacher_logits: torch.Tensor | None, original_logits: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Per-sample tensors that depend only on the frozen models and the labels, computed once.
+
+        Called with the cached logits of the whole transfer set (teachers ``[K, N, C]``, original
+        ``[N, C]``) when targets are cached; each step then finds its rows in ``StepInputs.fixed``.
+        Saves recomputing the same targets every epoch. ``None``: nothing to precompute.
+        """
+        return None
 
     def after_step(self, student: nn.Module, step: int) -> None:
         """Called after every optimiser step."""

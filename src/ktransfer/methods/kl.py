@@ -102,8 +102,18 @@ class KLDist(Method):
     summary = "KL distillation from the teacher (overwrites the student's own knowledge)"
     Params = KLParams
 
+    def fixed_targets(self, teacher_logits, original_logits, labels):
+        if self.params.top_k:  # the top-k classes are gathered per step from the student's logits too
+            return None
+        return {"target_log_probs": F.log_softmax(teacher_logits[0] / self.params.temperature, dim=-1)}
+
     def loss(self, inputs: StepInputs) -> LossOutput:
-        loss = kl_to_target(inputs.teacher_logits[0], inputs.student_logits, self.params.temperature, self.params.top_k)
+        temperature = self.params.temperature
+        if inputs.fixed is not None:
+            student_log_probs = F.log_softmax(inputs.student_logits / temperature, dim=-1)
+            loss = F.kl_div(student_log_probs, inputs.fixed["target_log_probs"], reduction="batchmean", log_target=True) * temperature**2
+        else:
+            loss = kl_to_target(inputs.teacher_logits[0], inputs.student_logits, temperature, self.params.top_k)
         return LossOutput(loss, {"teacher_share": 1.0})
 
 
@@ -122,19 +132,32 @@ class KLDistDP(Method):
     needs_original = True
     supports_multiple_teachers = True
 
+    def targets(self, original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The routing ``choice`` of each sample and its target log-probabilities at temperature T."""
+        routing_labels = labels if self.params.supervised or self.params.routing != "confidence" else None  # ablations need labels
+        choice = route(original_logits, teacher_logits, routing_labels, self.params.routing)
+        candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)
+        target_log_probs = F.log_softmax(select(candidates, choice) / self.params.temperature, dim=-1)
+        return {"choice": choice, "target_log_probs": target_log_probs}
+
+    def fixed_targets(self, teacher_logits, original_logits, labels):
+        # Frozen models and fixed labels: the routing never changes, so compute it once, in chunks
+        # to bound the memory of the [K+1, chunk, C] candidates.
+        parts = [self.targets(o, t, y) for o, t, y in zip(original_logits.split(16384), teacher_logits.split(16384, dim=1), labels.split(16384))]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
     def loss(self, inputs: StepInputs) -> LossOutput:
-        labels = inputs.labels if self.params.supervised else None
-        if self.params.routing != "confidence" and labels is None:
-            labels = inputs.labels  # the ablations are defined on correctness, which needs labels
-        choice = route(inputs.original_logits, inputs.teacher_logits, labels, self.params.routing)
-        candidates = torch.cat([inputs.original_logits.unsqueeze(0), inputs.teacher_logits], dim=0)
-        target = select(candidates, choice)
+        fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels)
+        choice, temperature = fixed["choice"], self.params.temperature
+        student_log_probs = F.log_softmax(inputs.student_logits / temperature, dim=-1)
+        loss = F.kl_div(student_log_probs, fixed["target_log_probs"], reduction="batchmean", log_target=True) * temperature**2
         # Tensors, not floats: the engine sums them on the device and reads them once per epoch.
         stats = {"teacher_share": (choice > 0).float().mean()}
-        if inputs.teacher_logits.shape[0] > 1:
-            shares = torch.bincount(choice, minlength=len(candidates)).float() / len(choice)
-            stats.update({f"share_{k}": shares[k] for k in range(len(candidates))})
-        return LossOutput(kl_to_target(target, inputs.student_logits, self.params.temperature), stats)
+        candidates = inputs.teacher_logits.shape[0] + 1 if inputs.teacher_logits is not None else int(choice.max()) + 1
+        if candidates > 2:
+            shares = torch.bincount(choice, minlength=candidates).float() / len(choice)
+            stats.update({f"share_{k}": shares[k] for k in range(candidates)})
+        return LossOutput(loss, stats)
 
 
 @dataclass
