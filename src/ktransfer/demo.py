@@ -20,6 +20,7 @@ from .analysis import analyze_predictions
 from .errors import ConfigError, KTransferError
 from .methods import create_method, transfer_method_names
 from .metrics import accuracy, flip_matrices
+from .models.base import Model
 from .models.store import DEFAULT_ZOO, load_zoo_model
 from .predictions import PredictionCache
 from .results import append_record, read_records, summarize
@@ -73,6 +74,17 @@ def _run_key(record: dict) -> tuple:
     return (record["student"], record["teacher"], record["method"], record["epochs"], record["lr"], record["seed"], json.dumps(record["hparams"], sort_keys=True))
 
 
+def load_zoo(names: list[str], data_dir, console: Console) -> dict[str, Model]:
+    """The named zoo models, trained now (with a progress bar each) or reloaded from the cache."""
+    models = {}
+    with _progress(console) as progress:
+        for name in names:
+            task = progress.add_task(f"zoo: {name}", total=None)
+            models[name] = load_zoo_model(name, data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
+            progress.update(task, completed=1, total=1, description=f"zoo: {name} ready")
+    return models
+
+
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     console = console or Console()
     options.resolve()
@@ -83,12 +95,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     console.print(f"[bold]Fashion-MNIST[/]: pretraining pool {len(splits.pool):,}, transfer set {len(splits.transfer):,}, evaluation set {len(splits.eval):,} images")
 
     names = list(dict.fromkeys([*options.students, *options.teachers]))
-    models = {}
-    with _progress(console) as progress:
-        for name in names:
-            task = progress.add_task(f"zoo: {name}", total=None)
-            models[name] = load_zoo_model(name, options.data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
-            progress.update(task, completed=1, total=1, description=f"zoo: {name} ready")
+    models = load_zoo(names, options.data_dir, console)
     zoo_seconds = time.perf_counter() - started
 
     cache = PredictionCache()

@@ -22,11 +22,10 @@ from rich.table import Table
 from . import tables
 from .api import TransferResult, transfer
 from .data import fashion_mnist
-from .demo import DemoOptions, _jsonable, _progress
+from .demo import DemoOptions, _jsonable, _progress, load_zoo
 from .errors import ConfigError
 from .methods import create_method
 from .metrics import accuracy
-from .models.store import load_zoo_model
 from .multi import batch_norm_layers, transfer_multi
 from .predictions import PredictionCache
 from .models.base import Model
@@ -81,11 +80,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     console.print(f"[bold]Fashion-MNIST[/]: transfer set {len(splits.transfer):,}, evaluation set {len(splits.eval):,} images")
 
     names = list(dict.fromkeys([*options.students, *options.teachers]))
-    models = {}
-    with _progress(console) as progress:
-        for name in names:
-            task = progress.add_task(f"zoo: {name}", total=None)
-            models[name] = load_zoo_model(name, options.data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
+    models = load_zoo(names, options.data_dir, console)
     cache = PredictionCache()
     zoo_rows = [
         {"name": name, "family": models[name].family, "parameters": models[name].num_parameters, "accuracy": accuracy(splits.eval.labels, cache.predictions(models[name], splits.eval))}
