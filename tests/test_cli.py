@@ -51,6 +51,7 @@ def test_transfer_bad_input(small_fashion_mnist, tiny_zoo, tmp_path):
     one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "magic"), "unknown method 'magic'")
     one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--param", "temperature=-1"), "temperature")
     one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--param", "oops"), "KEY=VALUE")
+    one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--device", "warp"), "unknown device 'warp'")
     one_line_error(run("transfer", "--out", tmp_path / "x", "--data-dir", tmp_path / "missing", "--student", "zoo:cnn", "--teacher", "zoo:mlp"), "does not exist")
 
 

@@ -24,9 +24,10 @@ from .options import data_dir_option, parse_params
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", type=click.Choice(["cached", "online"]), default="cached", show_default=True, help="cached: teacher outputs computed once over the transfer set; online: a teacher forward pass per batch.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, out, data_dir, strategy, order, recalibrate_bn, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, out, device, data_dir, strategy, order, recalibrate_bn, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -38,12 +39,14 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     --data folder:imagenet --subset 0.1 --out runs/r18-vits (see docs/models-and-data.md)
     """
     from ..api import transfer
+    from ..engine import check_device
     from ..methods import create_method
     from ..models import load_model
     from ..predictions import PredictionCache
     from ..results import append_record
 
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
+    check_device(device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
     student_model = load_model(student, data_dir=data_dir)
@@ -51,7 +54,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
     transfer_set, eval_set = load_cli_data([student_model, *teacher_models], out, data_dir, **data)
     if strategy is not None:
-        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, order=order, recalibrate_bn=recalibrate_bn)
+        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, order=order, recalibrate_bn=recalibrate_bn, device=device)
         return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
     click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}), evaluated on {len(eval_set):,}")
     echo_preprocessing([student_model, teacher_model])
@@ -61,12 +64,11 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     result = transfer(
         student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, targets=targets, cache=PredictionCache(), on_epoch=on_epoch,
+        batch_size=batch_size, seed=seed, targets=targets, device=device, cache=PredictionCache(), on_epoch=on_epoch,
     )
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
-    name = f"{student}-from-{teacher}-{method}".replace(":", "_").replace("/", "_").replace("?", "_").replace("&", "_").replace("=", "-")
-    weights = result.save_student(out / f"{name}.safetensors")
+    weights = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
     m = result.metrics
     click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}))
     click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
@@ -113,14 +115,12 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
     result = transfer_multi(
         student_model, teacher_models, transfer_set, eval_set, method, strategy=strategy, order=settings["order"] or "ascending",
         recalibrate_bn=settings["recalibrate_bn"], epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
-        targets=settings["targets"], cache=PredictionCache(), on_epoch=on_epoch,
+        targets=settings["targets"], device=settings["device"], cache=PredictionCache(), on_epoch=on_epoch,
     )
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
-    name = f"{student}-from-{'+'.join(teachers)}-{strategy}-{method.name}"
-    for character, replacement in ((":", "_"), ("/", "_"), ("?", "_"), ("&", "_"), ("=", "-")):
-        name = name.replace(character, replacement)
-    weights = result.save_student(out / f"{name}.safetensors")
+    joined = "+".join(teachers)
+    weights = result.save_student(out / f"{file_name(f'{student}-from-{joined}-{strategy}-{method.name}')}.safetensors")
     m = result.metrics
     summary = {k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}
     if strategy == "parallel":
@@ -132,3 +132,10 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
         summary["recalibrated_bn_layers"] = m["recalibrated_bn_layers"]
     click.echo(json.dumps(summary))
     click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
+
+
+def file_name(text: str) -> str:
+    """A model spec turned into a file name: no path separators or URL-query characters."""
+    for character, replacement in ((":", "_"), ("/", "_"), ("?", "_"), ("&", "_"), ("=", "-")):
+        text = text.replace(character, replacement)
+    return text
