@@ -24,7 +24,7 @@ def test_docs_have_examples():
     assert len(list(blocks())) >= 2
 
 
-@pytest.mark.parametrize("code", blocks())
+@pytest.mark.parametrize("code", list(blocks()))
 def test_example_runs(code, small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
     compiled = compile(code, "<docs>", "exec")
     if code.lstrip().startswith("# not run"):
