@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Hyperparameters, LossOutput, Method, StepInputs, hparam, register_method
-from .kl import TOP_K_HELP, kl_to_target, restrict_to_top_k
+from .kl import TOP_K_HELP, KLParams, kl_to_target, restrict_to_top_k
 
 
 def soft_cross_entropy(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
@@ -52,17 +52,11 @@ class XEKLDist(Method):
         return LossOutput(xe_kl_loss(inputs.teacher_logits[0], inputs.student_logits, inputs.labels, p.weight, p.temperature, p.top_k), {"teacher_share": 1.0})
 
 
-@dataclass
-class SoftCEParams(Hyperparameters):
-    temperature: float = hparam(1.0, "softmax temperature T of both distributions", 1e-3, 100.0)
-    top_k: int = hparam(0, TOP_K_HELP, 0, 1_000_000)
-
-
 @register_method
 class SoftTargetCE(Method):
     name = "soft_ce"
     summary = "cross-entropy to the teacher's soft targets in place of KL (the paper's appendix B.1 variant)"
-    Params = SoftCEParams
+    Params = KLParams  # the same knobs as kl
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         p = self.params
