@@ -22,7 +22,7 @@ def zoo_table(rows: list[dict], n_eval: int) -> Table:
 
 def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None = None) -> Table:
     table = Table(title=title or f"Complementary knowledge ρ_pos %: samples the student (row) gets wrong and the teacher (column) right; n={n_eval:,}")
-    table.add_column("student \\ teacher")
+    table.add_column("student \\ teacher", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for i, row_name in enumerate(names):
@@ -33,7 +33,8 @@ def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None =
 def pairs_table(records: list[dict], n_eval: int) -> Table:
     table = Table(title=f"Transfers (percent of {n_eval:,} evaluation images; share = data routed to the teacher)")
     for column in ("method", "teacher", "student", "teacher acc", "student acc", "Δ", "gain", "loss", "share"):
-        table.add_column(column, justify="left" if column in ("method", "teacher", "student") else "right")
+        # names never wrap or get cut; the numeric columns give way on a narrow terminal
+        table.add_column(column, justify="left" if column in ("method", "teacher", "student") else "right", no_wrap=column in ("method", "teacher", "student"))
     for r in records:
         share = r.get("teacher_share")
         table.add_row(
@@ -47,7 +48,7 @@ def pairs_table(records: list[dict], n_eval: int) -> Table:
 def summary_table(summary: dict[str, dict], n_eval: int) -> Table:
     table = Table(title=f"Per method (Δ in points of accuracy on {n_eval:,} images)")
     for column in ("method", "pairs", "success rate", "mean Δ", "mean Δ, weaker teacher", "mean Δ, stronger teacher", "mean gain", "mean loss"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for method, s in summary.items():
         table.add_row(
             method, str(s["pairs"]), f"{_fmt(s['success_rate'], '.1f')}% ({s['positive']}/{s['pairs']})", _fmt(s["mean_delta"], "+.2f"),
