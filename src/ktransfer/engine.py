@@ -165,6 +165,9 @@ class Engine:
         check_every = 1 if torch.device(config.device).type == "cpu" else 32
         loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
         for index, images, labels in self.data.batches(order, config.batch_size):
+            # One copy of the batch's sample indices on the device serves the cached targets, the
+            # precomputed targets and the method (CRD's memory), instead of one copy each.
+            index = index.to(config.device, non_blocking=True)
             images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
             with torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp):
                 if method.needs_features:
@@ -180,7 +183,7 @@ class Engine:
                     student_features=features,
                     teacher_features=batch.teacher_features if batch else None,
                     indices=index,
-                    fixed={key: value[index.to(value.device)] for key, value in self.fixed.items()} if self.fixed is not None else None,
+                    fixed={key: value[index] for key, value in self.fixed.items()} if self.fixed is not None else None,
                 )
                 out = method.loss(inputs)
             loss_value = out.loss.detach()
