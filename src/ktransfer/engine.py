@@ -35,6 +35,8 @@ class TrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 1024
     amp: bool = False  # bfloat16 autocast for the student's forward pass and the loss
+    # "constant" (the paper's transfers) or "cosine": annealed to zero over all steps (the zoo's pretraining).
+    schedule: str = "constant"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -47,7 +49,18 @@ class TrainConfig:
             raise ConfigError(f"momentum must lie in [0, 1); got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         check_device(self.device)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based) out of ``total_steps``: a pure function, so resuming needs no scheduler state."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        return self.lr
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 def check_device(device: str) -> None:
@@ -191,6 +204,9 @@ class Engine:
                 self._check_finite(loss_value, state.step + 1)
             state.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if config.schedule != "constant":
+                for group in state.optimizer.param_groups:
+                    group["lr"] = config.lr_at(state.step, self.steps_per_epoch * config.epochs)
             state.optimizer.step()
             state.step += 1
             method.after_step(module, state.step)
