@@ -104,3 +104,31 @@ def test_transfer_returns_and_scores_the_slow_weights(tiny_data):
     assert result.metrics["acc_after"] == pytest.approx(100.0 * float((predictions == eval_set.labels).float().mean()))
     moved = max(float((a - b).detach().abs().max()) for a, b in zip(result.student.parameters(), student.parameters()))
     assert 0 < moved < 1e-2
+
+
+def test_returned_slow_student_trains_again_with_the_students_own_trainable_parameters(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teacher = MLP(hidden=32).eval(), MLP(hidden=32).eval()
+    student.body[1].requires_grad_(False)  # a user's frozen first layer stays frozen
+    result = ktransfer.transfer(student, teacher, transfer_set, eval_set, method="xe_kl_mcl", epochs=1, batch_size=128)
+    flags = [p.requires_grad for p in result.student.parameters()]
+    assert flags == [p.requires_grad for p in student.parameters()] and any(flags) and not all(flags)
+    again = ktransfer.transfer(result.student, teacher, transfer_set, eval_set, method="xe_kl_mcl", epochs=1, batch_size=128)
+    assert len(again.history) == 1
+
+
+def test_sequential_multi_teacher_with_mcl_runs_every_stage(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teachers = MLP(hidden=32).eval(), [MLP(hidden=24).eval(), MLP(hidden=48).eval()]
+    result = ktransfer.transfer_multi(student, teachers, transfer_set, eval_set, "xe_kl_mcl", strategy="sequential", epochs=1, batch_size=128)
+    assert [stage["stage"] for stage in result.metrics["stages"]] == [1, 2]
+    assert all(p.requires_grad for p in result.student.parameters())
+
+
+def test_a_student_without_trainable_parameters_is_refused_before_any_work(tiny_data):
+    transfer_set, eval_set = tiny_data
+    frozen = MLP(hidden=32).requires_grad_(False)
+    with pytest.raises(ktransfer.errors.ConfigError, match="requires_grad_"):
+        ktransfer.transfer(frozen, MLP(hidden=32), transfer_set, eval_set, method="kl", epochs=1)

@@ -90,6 +90,8 @@ def transfer(
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
+    if not any(p.requires_grad for p in student_model.module.parameters()):
+        raise ConfigError(f"{student_model.name} has no parameter that requires grad, so it cannot train; call module.requires_grad_(True) on it first")
     teachers = [as_model(t, f"teacher{i}" if isinstance(teacher, (list, tuple)) else "teacher") for i, t in enumerate(teacher if isinstance(teacher, (list, tuple)) else [teacher])]
     if isinstance(method, str):
         method = create_method(method, **hparams)
@@ -124,6 +126,11 @@ def transfer(
     history = engine.run()
     final = history[-1]
     result_module = method.eval_module(trained.module)
+    if result_module is not trained.module:
+        # A module the method kept apart (MCL's slow weights) is frozen while it trains; hand it back
+        # as trainable as the student, so that it can be transferred into or fine-tuned again.
+        for returned, trained_parameter in zip(result_module.parameters(), trained.module.parameters()):
+            returned.requires_grad_(trained_parameter.requires_grad)
     metrics = {
         "student": student_model.spec or student_model.name,
         "teacher": teachers[0].spec or teachers[0].name,
