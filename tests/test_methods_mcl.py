@@ -26,9 +26,26 @@ def test_mask_drops_kl_only_where_teacher_wrong_and_student_right():
     method = create_method("xe_kl_mcl", weight=0.7)
     out = method.loss(StepInputs(student, labels, teacher[None]))
     kl = kl_per_sample(teacher, student, 1.0)
-    expected = 0.7 * (kl[0] + kl[2] + kl[3]) / 4 + 0.3 * nn.functional.cross_entropy(student, labels)
+    expected = 0.7 * (kl[0] + kl[2] + kl[3]) / 3 + 0.3 * nn.functional.cross_entropy(student, labels)  # mean over the 3 kept samples
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert out.stats["teacher_share"] == 0.75
+
+
+def test_masked_kl_is_the_mean_over_kept_samples_and_zero_when_none_is_kept():
+    labels = torch.tensor([0, 0])
+    student = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # right on both samples
+    method = create_method("xe_kl_mcl", weight=1.0)  # λ = 1: the loss is the masked KL alone
+    # Teacher wrong on sample 1 only: the KL of sample 0 alone, not half of it.
+    teacher = torch.tensor([[0.5, 0.0], [0.0, 3.0]])
+    p_t, p_s = torch.softmax(teacher[0], -1), torch.softmax(student[0], -1)
+    by_hand = float((p_t * (p_t / p_s).log()).sum())
+    assert method.loss(StepInputs(student, labels, teacher[None])).loss.item() == pytest.approx(by_hand, rel=1e-5)
+    # Teacher wrong everywhere: nothing kept, the KL term is 0 (no NaN) and still differentiable.
+    student = student.clone().requires_grad_(True)
+    out = method.loss(StepInputs(student, labels, torch.tensor([[0.0, 3.0], [0.0, 1.0]])[None]))
+    assert out.loss.item() == 0.0 and out.stats["teacher_share"] == 0.0
+    out.loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
 
 
 def small_net():
