@@ -56,7 +56,7 @@ def test_transfer_result_and_untouched_inputs(tiny_data, pair):
     assert m["delta"] == pytest.approx(m["knowledge_gain"] - m["knowledge_loss"], abs=1e-9)
     assert m["delta"] == pytest.approx(m["acc_after"] - m["acc_before"], abs=1e-9)
     assert 0.0 <= m["teacher_share"] <= 1.0
-    assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence"}
+    assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence", "flips_from": "current"}
     # the returned student really is the one evaluated last
     preds = result.model.logits(eval_set.images).argmax(1)
     assert ktransfer.metrics.accuracy(eval_set.labels, preds) == pytest.approx(m["acc_after"])
