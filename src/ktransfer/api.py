@@ -95,7 +95,7 @@ class TransferResult:
 
 
 def check_compatible(student: Model, teachers: Sequence[Model], *datasets: ImageData) -> None:
-    """Teacher and student must share one label space, and the data must fit it."""
+    """Teacher and student must share one label space, and the data must fit it (and fit their preprocessing)."""
     classes = student.num_classes
     for teacher in teachers:
         if teacher.num_classes != classes:
@@ -106,6 +106,13 @@ def check_compatible(student: Model, teachers: Sequence[Model], *datasets: Image
     for data in datasets:
         if data.num_classes > classes or (len(data) and int(data.labels.max()) >= classes):
             raise ModelError(f"{data.name} has {data.num_classes} classes but the models predict {classes}; fit the models to this data with 'ktransfer adapt'")
+        if not getattr(data, "is_images", True):
+            for model in (student, *teachers):
+                if model.preprocess.needs_images:
+                    raise ModelError(
+                        f"{data.name} holds input of shape {tuple(data.images.shape)}, not images [N, C, H, W], but {model.name} preprocesses images "
+                        f"({model.preprocess.describe()}); give it as a plain nn.Module, or as ktransfer.Model without image preprocessing"
+                    )
 
 
 def transfer(

@@ -30,7 +30,14 @@ class Preprocess:
     interpolation: str = "bilinear"
     crop_pct: float | None = None
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether any step works on images ``[N, C, H, W]``: crop, resize, channels, per-channel normalisation."""
+        return self != Preprocess(interpolation=self.interpolation)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 and self.needs_images:
+            raise ModelError(f"this preprocessing works on images [N, C, H, W]; got input of shape {tuple(images.shape)} (give a model that takes such input without image preprocessing)")
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         if self.crop_pct is not None and self.crop_pct < 1:
             height, width = x.shape[-2:]
