@@ -29,7 +29,7 @@ def test_help(command):
 def test_methods_lists_hyperparameters():
     result = run("methods")
     assert result.exit_code == 0
-    for text in ("kl_dp", "temperature", "supervised", "routing"):
+    for text in ("kl_dp", "temperature", "supervised", "routing", "cd_authors", "reduction"):
         assert text in result.output
 
 

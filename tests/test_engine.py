@@ -56,7 +56,7 @@ def test_transfer_result_and_untouched_inputs(tiny_data, pair):
     assert m["delta"] == pytest.approx(m["knowledge_gain"] - m["knowledge_loss"], abs=1e-9)
     assert m["delta"] == pytest.approx(m["acc_after"] - m["acc_before"], abs=1e-9)
     assert 0.0 <= m["teacher_share"] <= 1.0
-    assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence"}
+    assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence", "flips_from": "current"}
     # the returned student really is the one evaluated last
     preds = result.model.logits(eval_set.images).argmax(1)
     assert ktransfer.metrics.accuracy(eval_set.labels, preds) == pytest.approx(m["acc_after"])
@@ -119,3 +119,34 @@ def test_zoo_models_are_reproducible(small_fashion_mnist, tiny_zoo, isolated_cac
     torch.rand(1000)  # move the global RNG on
     second = load_zoo_model("cnn", small_fashion_mnist).module.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("amp_frozen", [False, True])
+def test_amp_keeps_the_frozen_models_targets_in_float32_unless_asked(tiny_data, amp_frozen):
+    """bf16 autocast (it runs on the CPU too) is for the student; DP routes on the frozen models' float32 logits."""
+    from ktransfer.targets import OnlineTargets
+
+    transfer_set, _ = tiny_data
+    torch.manual_seed(0)
+    teacher, original = Model(MLP(hidden=64).eval(), "teacher"), Model(MLP(hidden=64).eval(), "original")
+    student = Model(copy.deepcopy(original.module), "student")
+    method = create_method("kl_dp")
+    seen = []
+    loss = method.loss
+    method.loss = lambda inputs: seen.append(inputs) or loss(inputs)
+    config = TrainConfig(epochs=1, lr=0.01, batch_size=128, amp=True, amp_frozen=amp_frozen)
+    Engine(student, method, transfer_set, config, OnlineTargets([teacher], original)).run()
+    assert len(seen) == 3
+    with torch.no_grad():
+        for inputs in seen:
+            images = transfer_set.images[inputs.indices]
+            exact = {"teacher": teacher.logits(images)[None], "original": original.logits(images)}
+            got = {"teacher": inputs.teacher_logits, "original": inputs.original_logits}
+            assert all(value.dtype == torch.float32 for value in got.values())
+            if amp_frozen:  # asked for: the frozen models ran in bfloat16 as well
+                assert not torch.equal(got["teacher"], exact["teacher"]) and not torch.equal(got["original"], exact["original"])
+            else:
+                assert torch.equal(got["teacher"], exact["teacher"]) and torch.equal(got["original"], exact["original"])
+                assert torch.equal(method.targets(got["original"], got["teacher"], inputs.labels)["choice"], ktransfer.methods.kl.route(exact["original"], exact["teacher"], inputs.labels))
+    # The student's forward pass still ran under autocast: its logits are bf16 values (8 mantissa bits), stored as float32.
+    assert torch.equal(seen[-1].student_logits, seen[-1].student_logits.bfloat16().float())

@@ -40,6 +40,29 @@ def test_cd_hand_computed():
     assert out.loss.item() == pytest.approx(2.0 * forward + 0.5 * F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_cd_authors_sums_the_rows_and_weighs_cd_100_b_times_more_than_cd_against_ce():
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # S_s = identity
+    teacher = torch.tensor([[1.0, 0.0], [5.0, 0.0]])  # S_t = all ones
+    e = math.e
+    row_kl = 0.5 * math.log(0.5 * (e + 1) / e) + 0.5 * math.log(0.5 * (e + 1))  # KL(uniform ‖ (e, 1)/(e + 1)), equal in both rows
+    labels, logits = torch.tensor([0, 1]), torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    ce = F.cross_entropy(logits, labels).item()
+    inputs = StepInputs(logits, labels, torch.zeros(1, 2, 2), student_features=student, teacher_features=teacher)
+    plain, authors = create_method("cd").loss(inputs), create_method("cd_authors").loss(inputs)
+    assert plain.loss.item() == pytest.approx(1.0 * row_kl + 1.0 * ce, rel=1e-5)  # mean over 2 rows, equal weights
+    assert authors.loss.item() == pytest.approx(10.0 * (2 * row_kl) + 0.1 * ce, rel=1e-5)  # summed over 2 rows, β = 10, γ = 0.1
+    # Per unit of CE, the similarity term (as cd reports it, a mean over rows) weighs 1 in cd and 10·B/0.1 = 100·B in cd_authors.
+    torch.manual_seed(0)
+    batch = 6
+    wide = StepInputs(torch.randn(batch, 3), torch.arange(batch) % 3, torch.zeros(1, batch, 3), student_features=torch.randn(batch, 5), teacher_features=torch.randn(batch, 7))
+    wide_plain, wide_authors = create_method("cd").loss(wide), create_method("cd_authors").loss(wide)
+    assert wide_authors.stats["cd"].item() == pytest.approx(batch * wide_plain.stats["cd"].item(), rel=1e-5)
+    assert wide_authors.loss.item() == pytest.approx(100 * batch * 0.1 * wide_plain.stats["cd"].item() + 0.1 * wide_plain.stats["ce"].item(), rel=1e-5)
+    # The preset is cd with other defaults: the same loss from cd with those settings.
+    same = create_method("cd", cd_weight=10, ce_weight=0.1, reduction="sum").loss(inputs)
+    assert same.loss.item() == pytest.approx(authors.loss.item(), rel=1e-6)
+
+
 def test_nce_loss_hand_computed_and_own_slot_excluded():
     anchor = torch.tensor([[1.0, 0.0]])
     positive = torch.tensor([[0.6, 0.8]])

@@ -55,7 +55,7 @@ def test_feature_methods_refuse_a_module_without_features(tiny_data):
 
 def test_demo_all_expands_to_every_transfer_method():
     names = transfer_method_names()
-    assert "ce" not in names and {"kl", "xe_kl", "soft_ce", "cd", "crd", "xe_kl_mcl", "kl_dp", "kl_dp_unsup"} <= set(names)
+    assert "ce" not in names and {"kl", "xe_kl", "soft_ce", "cd", "cd_authors", "crd", "xe_kl_mcl", "kl_dp", "kl_dp_unsup"} <= set(names)
     assert names[:2] == ["kl", "xe_kl"]  # the paper's order
     assert DemoOptions(profile="quick", methods=["all"]).resolve().methods == names
     assert DemoOptions(profile="quick", methods=["ce", "all", "kl"]).resolve().methods == ["ce", *names]

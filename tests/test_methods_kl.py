@@ -80,7 +80,7 @@ def test_create_method_errors():
     assert create_method("kl_dp", supervised="false").params.supervised is False
 
 
-@pytest.mark.parametrize("name, hparams, teachers", [("kl_dp", {}, 1), ("kl_dp", {"supervised": False}, 1), ("kl_dp", {}, 3), ("kl_dp", {"routing": "teacher_on_positive_flips"}, 1), ("kl", {"temperature": 4.0}, 1)])
+@pytest.mark.parametrize("name, hparams, teachers", [("kl_dp", {}, 1), ("kl_dp", {"supervised": False}, 1), ("kl_dp", {}, 3), ("kl_dp", {"routing": "teacher_on_positive_flips", "flips_from": "original"}, 1), ("kl", {"temperature": 4.0}, 1)])
 def test_targets_computed_once_equal_per_batch_targets(name, hparams, teachers):
     """What fixed_targets computes over the whole set gives the same loss and stats as computing per batch."""
     torch.manual_seed(1)
@@ -96,3 +96,67 @@ def test_targets_computed_once_equal_per_batch_targets(name, hparams, teachers):
     assert set(precomputed.stats) == set(per_batch.stats)
     for key in per_batch.stats:
         assert float(precomputed.stats[key]) == pytest.approx(float(per_batch.stats[key]))
+
+
+# Four samples of true class 0, one per case of (original student right?, student being trained right?);
+# the teacher is right on samples 0 and 1 and wrong on 2 and 3.
+FLIP_LABELS = torch.tensor([0, 0, 0, 0])
+FLIP_ORIGINAL = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # wrong, right, wrong, right
+FLIP_CURRENT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 3.0]])  # right, wrong, right, wrong
+FLIP_TEACHER = torch.tensor([[4.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 1.0]])[None]  # right, right, wrong, wrong
+
+
+@pytest.mark.parametrize("routing, flips_from, teacher_rows", [
+    # positive flips (teacher right, student wrong): the current student is wrong on 1 only, the original on 0 only
+    ("teacher_on_positive_flips", "current", [1]),
+    ("teacher_on_positive_flips", "original", [0]),
+    # negative flips (student right, teacher wrong) go to the original student, the rest to the teacher
+    ("student_on_negative_flips", "current", [0, 1, 3]),
+    ("student_on_negative_flips", "original", [0, 1, 2]),
+])
+def test_flip_ablations_decide_flips_from_the_chosen_student_and_target_the_frozen_models(routing, flips_from, teacher_rows):
+    method = create_method("kl_dp", routing=routing, flips_from=flips_from)
+    out = method.loss(StepInputs(FLIP_CURRENT, FLIP_LABELS, FLIP_TEACHER, FLIP_ORIGINAL))
+    to_teacher = torch.zeros(4, dtype=torch.bool)
+    to_teacher[teacher_rows] = True
+    target = torch.where(to_teacher[:, None], FLIP_TEACHER[0], FLIP_ORIGINAL)  # never the current student's own logits
+    assert out.loss.item() == pytest.approx(kl_to_target(target, FLIP_CURRENT, 1.0).item(), rel=1e-6)
+    assert out.stats["teacher_share"] == pytest.approx(len(teacher_rows) / 4)
+
+
+def test_flip_ablations_default_to_the_current_student_and_are_then_never_precomputed():
+    assert create_method("kl_dp", routing="teacher_on_positive_flips").params.flips_from == "current"
+    teacher, original, labels = FLIP_TEACHER, FLIP_ORIGINAL, FLIP_LABELS
+    for routing in ("teacher_on_positive_flips", "student_on_negative_flips"):
+        assert create_method("kl_dp", routing=routing).fixed_targets(teacher, original, labels) is None
+        assert create_method("kl_dp", routing=routing, flips_from="original").fixed_targets(teacher, original, labels) is not None
+    # The paper's confidence routing always compares with the original student: precomputed whatever flips_from says.
+    for flips_from in ("current", "original"):
+        method = create_method("kl_dp", flips_from=flips_from)
+        fixed = method.fixed_targets(teacher, original, labels)
+        assert fixed["choice"].tolist() == route(original, teacher, labels).tolist()
+        assert method.loss(StepInputs(FLIP_CURRENT, labels, teacher, original)).loss.item() == pytest.approx(method.loss(StepInputs(FLIP_CURRENT, labels, teacher, original, fixed=fixed)).loss.item())
+
+
+def test_cached_and_online_targets_train_the_same_student_with_flips_from_the_current_student(tiny_data):
+    """With cached targets the routing must still follow the student as it trains, as online it does."""
+    from ktransfer.engine import Engine, TrainConfig
+    from ktransfer.models.base import Model
+    from ktransfer.models.zoo import MLP
+    from ktransfer.predictions import PredictionCache
+    from ktransfer.targets import CachedTargets, OnlineTargets
+
+    transfer_set, _ = tiny_data
+    torch.manual_seed(0)
+    teacher, original = Model(MLP(hidden=16).eval(), "teacher"), Model(MLP(hidden=16).eval(), "original")
+    students = []
+    for source in (CachedTargets([teacher], original, transfer_set, PredictionCache(enabled=False)), OnlineTargets([teacher], original)):
+        student = Model(MLP(hidden=16), "student")
+        student.module.load_state_dict(original.module.state_dict())
+        method = create_method("kl_dp", routing="teacher_on_positive_flips")
+        engine = Engine(student, method, transfer_set, TrainConfig(epochs=1, lr=0.5, batch_size=64), source)
+        assert engine.fixed is None
+        engine.run()
+        students.append(student.module.state_dict())
+    for key, value in students[0].items():
+        assert torch.allclose(value, students[1][key], atol=1e-6), key

@@ -26,9 +26,26 @@ def test_mask_drops_kl_only_where_teacher_wrong_and_student_right():
     method = create_method("xe_kl_mcl", weight=0.7)
     out = method.loss(StepInputs(student, labels, teacher[None]))
     kl = kl_per_sample(teacher, student, 1.0)
-    expected = 0.7 * (kl[0] + kl[2] + kl[3]) / 4 + 0.3 * nn.functional.cross_entropy(student, labels)
+    expected = 0.7 * (kl[0] + kl[2] + kl[3]) / 3 + 0.3 * nn.functional.cross_entropy(student, labels)  # mean over the 3 kept samples
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert out.stats["teacher_share"] == 0.75
+
+
+def test_masked_kl_is_the_mean_over_kept_samples_and_zero_when_none_is_kept():
+    labels = torch.tensor([0, 0])
+    student = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # right on both samples
+    method = create_method("xe_kl_mcl", weight=1.0)  # λ = 1: the loss is the masked KL alone
+    # Teacher wrong on sample 1 only: the KL of sample 0 alone, not half of it.
+    teacher = torch.tensor([[0.5, 0.0], [0.0, 3.0]])
+    p_t, p_s = torch.softmax(teacher[0], -1), torch.softmax(student[0], -1)
+    by_hand = float((p_t * (p_t / p_s).log()).sum())
+    assert method.loss(StepInputs(student, labels, teacher[None])).loss.item() == pytest.approx(by_hand, rel=1e-5)
+    # Teacher wrong everywhere: nothing kept, the KL term is 0 (no NaN) and still differentiable.
+    student = student.clone().requires_grad_(True)
+    out = method.loss(StepInputs(student, labels, torch.tensor([[0.0, 3.0], [0.0, 1.0]])[None]))
+    assert out.loss.item() == 0.0 and out.stats["teacher_share"] == 0.0
+    out.loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
 
 
 def small_net():
@@ -104,3 +121,31 @@ def test_transfer_returns_and_scores_the_slow_weights(tiny_data):
     assert result.metrics["acc_after"] == pytest.approx(100.0 * float((predictions == eval_set.labels).float().mean()))
     moved = max(float((a - b).detach().abs().max()) for a, b in zip(result.student.parameters(), student.parameters()))
     assert 0 < moved < 1e-2
+
+
+def test_returned_slow_student_trains_again_with_the_students_own_trainable_parameters(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teacher = MLP(hidden=32).eval(), MLP(hidden=32).eval()
+    student.body[1].requires_grad_(False)  # a user's frozen first layer stays frozen
+    result = ktransfer.transfer(student, teacher, transfer_set, eval_set, method="xe_kl_mcl", epochs=1, batch_size=128)
+    flags = [p.requires_grad for p in result.student.parameters()]
+    assert flags == [p.requires_grad for p in student.parameters()] and any(flags) and not all(flags)
+    again = ktransfer.transfer(result.student, teacher, transfer_set, eval_set, method="xe_kl_mcl", epochs=1, batch_size=128)
+    assert len(again.history) == 1
+
+
+def test_sequential_multi_teacher_with_mcl_runs_every_stage(tiny_data):
+    transfer_set, eval_set = tiny_data
+    torch.manual_seed(0)
+    student, teachers = MLP(hidden=32).eval(), [MLP(hidden=24).eval(), MLP(hidden=48).eval()]
+    result = ktransfer.transfer_multi(student, teachers, transfer_set, eval_set, "xe_kl_mcl", strategy="sequential", epochs=1, batch_size=128)
+    assert [stage["stage"] for stage in result.metrics["stages"]] == [1, 2]
+    assert all(p.requires_grad for p in result.student.parameters())
+
+
+def test_a_student_without_trainable_parameters_is_refused_before_any_work(tiny_data):
+    transfer_set, eval_set = tiny_data
+    frozen = MLP(hidden=32).requires_grad_(False)
+    with pytest.raises(ktransfer.errors.ConfigError, match="requires_grad_"):
+        ktransfer.transfer(frozen, MLP(hidden=32), transfer_set, eval_set, method="kl", epochs=1)

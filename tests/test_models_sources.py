@@ -254,3 +254,19 @@ def test_torchvision_models_carry_their_preprocessing():
     model = load_model("torchvision:resnet18?pretrained=false&num_classes=3")
     assert model.num_classes == 3 and model.preprocess.input_size == (224, 224)
     assert model.preprocess.crop_pct == pytest.approx(0.875) and model.preprocess.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "test_vit"])
+def test_timm_features_are_the_pooled_pre_logits_and_logits_come_from_them(name):
+    """timm's forward_features is the unpooled map ([B, C, H, W] or a ViT's tokens); feature methods need the pooled pre-logits."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if name == "test_vit" else {}
+    module = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features, logits = Model(module, name).features_and_logits(x)
+        pooled = module.forward_head(module.forward_features(x), pre_logits=True)
+        assert features.shape == pooled.shape and features.ndim == 2
+        assert torch.equal(features, pooled)
+        assert torch.allclose(logits, module(x), atol=1e-6)

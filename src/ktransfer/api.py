@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +26,57 @@ from .targets import CachedTargets, OnlineTargets
 TARGET_MODES = ("cached", "online")
 
 
+class ModuleState:
+    """Where a module's tensors live and which of its parts are in train mode, to put back later."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.modes = [(sub, sub.training) for sub in module.modules()]
+        self.parameter_devices = {name: p.device for name, p in module.named_parameters()}
+        self.buffer_devices = {name: b.device for name, b in module.named_buffers()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        # Parent before child, as modules() yields them: a part set apart from its parent keeps its own mode.
+        for sub, training in self.modes:
+            sub.train(training)
+        devices = {*self.parameter_devices.values(), *self.buffer_devices.values()}
+        if len(devices) == 1:  # the usual case: torch's own move
+            self.module.to(devices.pop())
+            return
+        for name, parameter in self.module.named_parameters():  # spread over several devices: tensor by tensor
+            device = self.parameter_devices.get(name)
+            if device is not None and parameter.device != device:
+                owner, _, leaf = name.rpartition(".")
+                moved = parameter.to(device)
+                try:
+                    parameter.data = moved.data  # the same Parameter object, as Module.to keeps it where it can
+                except RuntimeError:  # a tensor type it cannot take (meta): a new Parameter, as Module.to makes then
+                    self.module.get_submodule(owner)._parameters[leaf] = nn.Parameter(moved.data, parameter.requires_grad)
+        for name, buffer in self.module.named_buffers():
+            device = self.buffer_devices.get(name)
+            if device is not None and buffer.device != device:
+                owner, _, leaf = name.rpartition(".")
+                self.module.get_submodule(owner)._buffers[leaf] = buffer.to(device)
+
+
+@contextmanager
+def kept_as_given(*models):
+    """Within the block the given models may be moved and switched to eval mode; afterwards, and on
+    an error, each is back on its devices and in its modes. Anything that is not a model is ignored."""
+    states, seen = [], set()
+    for model in models:
+        module = model.module if isinstance(model, Model) else model
+        if isinstance(module, nn.Module) and id(module) not in seen:
+            seen.add(id(module))
+            states.append(ModuleState(module))
+    try:
+        yield
+    finally:
+        for state in states:
+            state.restore()
+
+
 @dataclass
 class TransferResult:
     """What a transfer gives back: the trained student, its metrics (a ``results.jsonl`` record) and the per-epoch history."""
@@ -43,7 +95,7 @@ class TransferResult:
 
 
 def check_compatible(student: Model, teachers: Sequence[Model], *datasets: ImageData) -> None:
-    """Teacher and student must share one label space, and the data must fit it."""
+    """Teacher and student must share one label space, and the data must fit it (and fit their preprocessing)."""
     classes = student.num_classes
     for teacher in teachers:
         if teacher.num_classes != classes:
@@ -54,6 +106,13 @@ def check_compatible(student: Model, teachers: Sequence[Model], *datasets: Image
     for data in datasets:
         if data.num_classes > classes or (len(data) and int(data.labels.max()) >= classes):
             raise ModelError(f"{data.name} has {data.num_classes} classes but the models predict {classes}; fit the models to this data with 'ktransfer adapt'")
+        if not getattr(data, "is_images", True):
+            for model in (student, *teachers):
+                if model.preprocess.needs_images:
+                    raise ModelError(
+                        f"{data.name} holds input of shape {tuple(data.images.shape)}, not images [N, C, H, W], but {model.name} preprocesses images "
+                        f"({model.preprocess.describe()}); give it as a plain nn.Module, or as ktransfer.Model without image preprocessing"
+                    )
 
 
 def transfer(
@@ -90,6 +149,8 @@ def transfer(
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
+    if not any(p.requires_grad for p in student_model.module.parameters()):
+        raise ConfigError(f"{student_model.name} has no parameter that requires grad, so it cannot train; call module.requires_grad_(True) on it first")
     teachers = [as_model(t, f"teacher{i}" if isinstance(teacher, (list, tuple)) else "teacher") for i, t in enumerate(teacher if isinstance(teacher, (list, tuple)) else [teacher])]
     if isinstance(method, str):
         method = create_method(method, **hparams)
@@ -106,6 +167,14 @@ def transfer(
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
 
+    # The user's models go back to their devices and modes when the transfer ends, also on an error.
+    with kept_as_given(student_model, *teachers):
+        return _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started)
+
+
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float) -> TransferResult:
+    """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
+    device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
     original = Model(student_model.module, f"{student_model.name} (original)", student_model.preprocess, student_model.family, student_model.spec, student_model._fingerprint, student_model.feature_layer)
     trained = Model(copy.deepcopy(student_model.module).to(device), student_model.name, student_model.preprocess, student_model.family, student_model.spec, feature_layer=student_model.feature_layer)
@@ -124,6 +193,11 @@ def transfer(
     history = engine.run()
     final = history[-1]
     result_module = method.eval_module(trained.module)
+    if result_module is not trained.module:
+        # A module the method kept apart (MCL's slow weights) is frozen while it trains; hand it back
+        # as trainable as the student, so that it can be transferred into or fine-tuned again.
+        for returned, trained_parameter in zip(result_module.parameters(), trained.module.parameters()):
+            returned.requires_grad_(trained_parameter.requires_grad)
     metrics = {
         "student": student_model.spec or student_model.name,
         "teacher": teachers[0].spec or teachers[0].name,
@@ -147,6 +221,7 @@ def transfer(
     }
     if len(teachers) > 1:
         metrics["teachers"] = [t.spec or t.name for t in teachers]
+    result_module.eval()  # ready for inference, as the models it was evaluated as
     final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec, feature_layer=trained.feature_layer)
     return TransferResult(result_module, metrics, history, final_model)
 

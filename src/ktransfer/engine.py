@@ -37,6 +37,9 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast for the student's forward pass and the loss
     # "constant" (the paper's transfers) or "cosine": annealed to zero over all steps (the zoo's pretraining).
     schedule: str = "constant"
+    # With amp, also run the frozen models (teachers, original student) under autocast. Off by
+    # default: their outputs are targets, and DP routes on them, so they stay float32.
+    amp_frozen: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -175,19 +178,21 @@ class Engine:
         order = torch.randperm(len(self.data), generator=state.generator)
         # Sums stay on the device: reading a number back each step would stall a GPU.
         # The loss is checked for NaN every step on the CPU (free) and every 32 steps elsewhere.
-        check_every = 1 if torch.device(config.device).type == "cpu" else 32
+        device_type = torch.device(config.device).type
+        check_every = 1 if device_type == "cpu" else 32
         loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
         for index, images, labels in self.data.batches(order, config.batch_size):
             # One copy of the batch's sample indices on the device serves the cached targets, the
             # precomputed targets and the method (CRD's memory), instead of one copy each.
             index = index.to(config.device, non_blocking=True)
             images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
-            with torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp and config.amp_frozen):
+                batch = self.targets.get(index, images) if self.targets is not None else None
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp):
                 if method.needs_features:
                     features, logits = self.student.features_and_logits(images)
                 else:
                     features, logits = None, self.student.logits(images)
-                batch = self.targets.get(index, images) if self.targets is not None else None
                 inputs = StepInputs(
                     student_logits=logits.float(),
                     labels=labels,

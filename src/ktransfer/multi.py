@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .api import TransferResult, check_compatible, transfer
+from .api import TransferResult, check_compatible, kept_as_given, transfer
 from .data.base import ImageData, as_image_data
 from .errors import ConfigError, ModelError
 from .methods import create_method
@@ -198,6 +198,8 @@ def _prepare(student, teachers, transfer_data, eval_data, method: Method, settin
     eval_set = as_image_data(eval_data, "eval data", class_names)
     check_compatible(student_model, teacher_models, transfer_set, eval_set)
     device = settings.get("device", "cpu")
+    for model in (student_model, *teacher_models):  # transfer_multi puts them back where they were
+        model.module.to(device)
     base_cache = cache if cache is not None else PredictionCache(enabled=False)
     given = {student_model.fingerprint(), *(t.fingerprint() for t in teacher_models)}
     run_cache = _TrainedStudentsInMemory(base_cache, given)
@@ -469,9 +471,11 @@ def transfer_multi(
     if strategy == "parallel":
         check_parallel_method(method, len(teachers) if isinstance(teachers, (list, tuple)) else 1)
     settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "device": device}
-    run = _prepare(student, teachers, transfer_data, eval_data, method, settings, cache, class_names, on_epoch)
-    if strategy == "parallel":
-        return _parallel(run)
-    if strategy == "sequential":
-        return _sequential(run, order, epochs)
-    return _soup(run, reuse, recalibrate_bn)
+    # The user's models go back to their devices and modes at the end, also on an error.
+    with kept_as_given(student, *(teachers if isinstance(teachers, (list, tuple)) else [])):
+        run = _prepare(student, teachers, transfer_data, eval_data, method, settings, cache, class_names, on_epoch)
+        if strategy == "parallel":
+            return _parallel(run)
+        if strategy == "sequential":
+            return _sequential(run, order, epochs)
+        return _soup(run, reuse, recalibrate_bn)

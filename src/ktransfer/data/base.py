@@ -1,4 +1,4 @@
-"""Labelled image data held as tensors."""
+"""Labelled image data held as tensors (or, for models without image preprocessing, any input ``[N, ...]``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from ..errors import DataError
 class ImageData:
     """Images ``[N, C, H, W]`` (uint8 in 0..255, or float already scaled) with int64 labels.
 
+    A 3-D tensor is read as greyscale images ``[N, H, W]`` and given a channel axis. Any other
+    input ``[N, ...]`` (tabular features ``[N, D]``, for example) is kept as it is, for models
+    that take it without image preprocessing (:attr:`is_images` tells the two apart).
     ``name`` says where the data came from; together with the content it keys every cache
     that depends on the data (see :meth:`fingerprint`).
     """
@@ -29,8 +32,8 @@ class ImageData:
     def __post_init__(self):
         if self.images.ndim == 3:  # [N, H, W] greyscale
             self.images = self.images.unsqueeze(1)
-        if self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must have shape [N, C, H, W]; got {tuple(self.images.shape)}")
+        if self.images.ndim == 0:
+            raise DataError(f"{self.name}: the input needs a first axis of samples, [N, ...] (images [N, C, H, W]); got a single number")
         self.labels = torch.as_tensor(self.labels).long().reshape(-1)
         if len(self.labels) != len(self.images):
             raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
@@ -46,6 +49,11 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_images(self) -> bool:
+        """Whether the samples are images ``[C, H, W]``, as image preprocessing needs."""
+        return self.images.ndim == 4
 
     def fingerprint(self) -> str:
         """A short hash of the name, the labels and every pixel."""

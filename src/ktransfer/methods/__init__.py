@@ -4,7 +4,7 @@ from . import contrastive, kl, kl_family, mcl, supervised  # noqa: F401  (regist
 from .base import METHODS, Hyperparameters, LossOutput, Method, StepInputs, create_method, hparam, method_names, register_method
 
 # The paper's comparison, from the methods that overwrite the student to those that keep it.
-PAPER_ORDER = ("kl", "xe_kl", "soft_ce", "cd", "crd", "xe_kl_mcl", "kl_dp", "kl_dp_unsup")
+PAPER_ORDER = ("kl", "xe_kl", "soft_ce", "cd", "cd_authors", "crd", "xe_kl_mcl", "kl_dp", "kl_dp_unsup")
 
 
 def transfer_method_names() -> list[str]:

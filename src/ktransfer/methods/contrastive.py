@@ -4,7 +4,9 @@ Both read the penultimate (pooled) features of the student and of the first teac
 found both overwrite the student more than logit distillation does.
 
 CD:  S = the batch's cosine-similarity matrix of L2-normalised features, one per model;
-     loss = λ_cd · KL(σ(S_t) ‖ σ(S_s)) + λ_xe · CE(z_s, y), softmax and KL row-wise, mean over rows.
+     loss = λ_cd · KL(σ(S_t) ‖ σ(S_s)) + λ_xe · CE(z_s, y), softmax and KL row-wise, mean over rows
+     (the appendix's equal weighting). ``cd_authors`` is the authors' code's setting: the rows'
+     KLs summed, λ_cd = 10, λ_xe = 0.1, which weighs the similarities 100·B times more against CE.
      The paper writes the KL as "KL(σ(S_s), σ(S_t))", in the argument order of PyTorch's
      ``kl_div(input, target)``, which computes KL(target ‖ input); ``reverse_kl`` gives the
      literal reading KL(σ(S_s) ‖ σ(S_t)).
@@ -39,12 +41,19 @@ def similarity_logits(features: torch.Tensor, temperature: float = 1.0) -> torch
     return normalised @ normalised.T / temperature
 
 
-def similarity_distillation(student_features: torch.Tensor, teacher_features: torch.Tensor, temperature: float = 1.0, reverse: bool = False) -> torch.Tensor:
-    """KL(σ(S_t) ‖ σ(S_s)) between the row-wise softmaxes (``reverse``: KL(σ(S_s) ‖ σ(S_t))), mean over rows."""
+def similarity_distillation(student_features: torch.Tensor, teacher_features: torch.Tensor, temperature: float = 1.0, reverse: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """KL(σ(S_t) ‖ σ(S_s)) between the row-wise softmaxes (``reverse``: KL(σ(S_s) ‖ σ(S_t))).
+
+    ``reduction``: ``mean`` over the rows, or ``sum`` over them (the authors' code: B times the mean).
+    """
     student_log_probs = F.log_softmax(similarity_logits(student_features, temperature), dim=1)
     teacher_log_probs = F.log_softmax(similarity_logits(teacher_features, temperature), dim=1)
     target, model = (student_log_probs, teacher_log_probs) if reverse else (teacher_log_probs, student_log_probs)
-    return (target.exp() * (target - model)).sum(1).mean()
+    per_row = (target.exp() * (target - model)).sum(1)
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -53,6 +62,7 @@ class CDParams(Hyperparameters):
     ce_weight: float = hparam(1.0, "λ_xe, weight of the cross-entropy on labels", 0.0, 1000.0)
     temperature: float = hparam(1.0, "divides the cosine similarities before the softmax (the paper: none, i.e. 1)", 1e-3, 100.0)
     reverse_kl: bool = hparam(False, "use KL(σ(S_s) ‖ σ(S_t)) instead of KL(σ(S_t) ‖ σ(S_s)) with the teacher's similarities as the target")
+    reduction: str = hparam("mean", "how the rows' KLs combine: mean (the appendix's equal weighting) or sum (the authors' code, B times larger)", choices=REDUCTIONS)
 
 
 @register_method
@@ -64,9 +74,23 @@ class ContrastiveDistillation(Method):
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         p = self.params
-        matching = similarity_distillation(inputs.student_features, inputs.teacher_features, p.temperature, p.reverse_kl)
+        matching = similarity_distillation(inputs.student_features, inputs.teacher_features, p.temperature, p.reverse_kl, p.reduction)
         ce = F.cross_entropy(inputs.student_logits, inputs.labels)
         return LossOutput(p.cd_weight * matching + p.ce_weight * ce, {"cd": matching.detach(), "ce": ce.detach()})
+
+
+@dataclass
+class CDAuthorsParams(CDParams):
+    cd_weight: float = hparam(10.0, "λ_cd, weight of the similarity-matching KL (the authors: β = 10)", 0.0, 1000.0)
+    ce_weight: float = hparam(0.1, "λ_xe, weight of the cross-entropy on labels (the authors: γ = 0.1)", 0.0, 1000.0)
+    reduction: str = hparam("sum", "how the rows' KLs combine: mean (the appendix's equal weighting) or sum (the authors' code, B times larger)", choices=REDUCTIONS)
+
+
+@register_method
+class ContrastiveDistillationAuthors(ContrastiveDistillation):
+    name = "cd_authors"
+    summary = "cd at the authors' scale: KL summed over the batch's rows, 10·CD + 0.1·CE (about 100·B times cd's weight on the similarities; the setting behind the paper's 0% CD success)"
+    Params = CDAuthorsParams
 
 
 class EmbeddingQueue:

@@ -4,6 +4,8 @@ KL-Dist:   T² · KL(σ(z_t/T) ‖ σ(z_s/T)), mean over the batch.
 KL + DP:   the target of each sample is the teacher's distribution where the teacher is more
            confident than the original (frozen) student, else the original student's own; the
            masks use T = 1 and ties go to the original student. Computed for the whole batch.
+           The flip ablations choose between the same two targets by prediction flips, which
+           the authors decide from the student being trained, at each step (``flips_from``).
 Top-k:     with ``top_k = k > 0`` both distributions are taken over only the target's k most
            probable classes and renormalised over them (a softmax over those k logits).
 """
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from .base import Hyperparameters, LossOutput, Method, StepInputs, hparam, register_method
 
 ROUTINGS = ("confidence", "teacher_on_positive_flips", "student_on_negative_flips", "self")
+FLIP_ROUTINGS = ("teacher_on_positive_flips", "student_on_negative_flips")
+FLIPS_FROM = ("current", "original")
 
 
 def restrict_to_top_k(target_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +53,15 @@ def kl_to_target(target_logits: torch.Tensor, student_logits: torch.Tensor, temp
     return F.kl_div(student_log_probs, target_log_probs, reduction="batchmean", log_target=True) * temperature**2
 
 
-def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, routing: str = "confidence") -> torch.Tensor:
+def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, routing: str = "confidence", flips_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Which model each sample learns from: 0 for the original student, k for teacher k (1-based).
 
     ``teacher_logits`` is ``[K, B, C]``. ``confidence`` (the paper's DP): the most confident of
     the original student and the K teachers, by the probability of the true class (supervised,
     ``labels`` given) or the maximum probability (``labels=None``); ties go to the original
     student, then to the earlier teacher. The other routings are the paper's ablations and need
-    labels and one teacher.
+    labels and one teacher; their flips compare the teacher with ``flips_logits``, the student
+    whose predictions decide them (default: the original student).
     """
     candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)  # [K+1, B, C]
     if routing == "self":
@@ -73,12 +78,12 @@ def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
         raise ValueError(f"routing {routing!r} needs labels")
     if teacher_logits.shape[0] != 1:
         raise ValueError(f"routing {routing!r} takes exactly one teacher")
-    original_right = original_logits.argmax(-1) == labels
+    student_right = (original_logits if flips_logits is None else flips_logits).argmax(-1) == labels
     teacher_right = teacher_logits[0].argmax(-1) == labels
     if routing == "teacher_on_positive_flips":
-        return (teacher_right & ~original_right).long()
+        return (teacher_right & ~student_right).long()
     if routing == "student_on_negative_flips":
-        return (~(original_right & ~teacher_right)).long()
+        return (~(student_right & ~teacher_right)).long()
     raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
 
 
@@ -122,6 +127,7 @@ class KLDPParams(Hyperparameters):
     temperature: float = hparam(1.0, "temperature T of the distillation loss (the masks always use T = 1)", 1e-3, 100.0)
     supervised: bool = hparam(True, "route by the probability of the true class (true) or by the maximum probability, without labels (false)")
     routing: str = hparam("confidence", "confidence: the paper's DP; teacher_on_positive_flips, student_on_negative_flips, self: ablations", choices=ROUTINGS)
+    flips_from: str = hparam("current", "for the flip ablations, whose predictions decide the flips: current (the student being trained, each step, as the authors do) or original (the frozen student); targets stay the original student's and the teacher's", choices=FLIPS_FROM)
 
 
 @register_method
@@ -132,22 +138,34 @@ class KLDistDP(Method):
     needs_original = True
     supports_multiple_teachers = True
 
-    def targets(self, original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The routing ``choice`` of each sample and its target log-probabilities at temperature T."""
+    @property
+    def flips_from_current_student(self) -> bool:
+        """Whether the routing reads the student being trained, so that it changes from step to step."""
+        return self.params.routing in FLIP_ROUTINGS and self.params.flips_from == "current"
+
+    def targets(self, original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The routing ``choice`` of each sample and its target log-probabilities at temperature T.
+
+        ``student_logits`` (the student being trained) decide the flips of the flip ablations when
+        ``flips_from`` is ``current``; the targets themselves stay the frozen models' outputs.
+        """
         routing_labels = labels if self.params.supervised or self.params.routing != "confidence" else None  # ablations need labels
-        choice = route(original_logits, teacher_logits, routing_labels, self.params.routing)
+        flips_logits = student_logits.detach() if self.flips_from_current_student else None
+        choice = route(original_logits, teacher_logits, routing_labels, self.params.routing, flips_logits)
         candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)
         target_log_probs = F.log_softmax(select(candidates, choice) / self.params.temperature, dim=-1)
         return {"choice": choice, "target_log_probs": target_log_probs}
 
     def fixed_targets(self, teacher_logits, original_logits, labels):
+        if self.flips_from_current_student:  # the routing follows the student being trained: decided every step
+            return None
         # Frozen models and fixed labels: the routing never changes, so compute it once, in chunks
         # to bound the memory of the [K+1, chunk, C] candidates.
         parts = [self.targets(o, t, y) for o, t, y in zip(original_logits.split(16384), teacher_logits.split(16384, dim=1), labels.split(16384))]
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def loss(self, inputs: StepInputs) -> LossOutput:
-        fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels)
+        fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels, inputs.student_logits)
         choice, temperature = fixed["choice"], self.params.temperature
         student_log_probs = F.log_softmax(inputs.student_logits / temperature, dim=-1)
         loss = F.kl_div(student_log_probs, fixed["target_log_probs"], reduction="batchmean", log_target=True) * temperature**2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,14 @@ class Preprocess:
     interpolation: str = "bilinear"
     crop_pct: float | None = None
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether any step works on images ``[N, C, H, W]``: crop, resize, channels, per-channel normalisation."""
+        return self != Preprocess(interpolation=self.interpolation)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 and self.needs_images:
+            raise ModelError(f"this preprocessing works on images [N, C, H, W]; got input of shape {tuple(images.shape)} (give a model that takes such input without image preprocessing)")
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         if self.crop_pct is not None and self.crop_pct < 1:
             height, width = x.shape[-2:]
@@ -57,8 +65,9 @@ class Model:
     """A classifier ready for transfer.
 
     ``module`` maps preprocessed images to logits. ``forward_features``/``forward_head`` are
-    used where the module has them (zoo and timm models); otherwise the input of the final
-    ``nn.Linear`` is taken as the features (see :meth:`features_and_logits`). ``feature_layer``
+    used where the module has them (zoo and timm models: for timm, whose ``forward_features``
+    is unpooled, the features are ``forward_head(..., pre_logits=True)``); otherwise the input of
+    the final ``nn.Linear`` is taken as the features (see :meth:`features_and_logits`). ``feature_layer``
     names a submodule (as in ``named_modules()``) whose flattened output are the features instead.
     """
 
@@ -94,7 +103,13 @@ class Model:
             return self._named_layer_features_and_logits(x)
         if hasattr(module, "forward_features") and hasattr(module, "forward_head"):
             features = module.forward_features(x)
-            return features, module.forward_head(features)
+            if not takes_pre_logits(module):  # the zoo's forward_features is already pooled
+                return features, module.forward_head(features)
+            # timm: forward_features is the map before pooling; forward_head(..., pre_logits=True)
+            # pools it (and applies the head's norm), which gives the penultimate features.
+            feature_map, features = features, module.forward_head(features, pre_logits=True)
+            head = timm_linear_head(module)
+            return features, head(features) if head is not None else module.forward_head(feature_map)
         last = final_linear(module)
         if last is None:
             raise ModelError(f"{self.name}: has no forward_features/forward_head and no final nn.Linear whose input could serve as features")
@@ -133,6 +148,30 @@ class Model:
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+
+def takes_pre_logits(module: nn.Module) -> bool:
+    """Whether ``module.forward_head`` accepts ``pre_logits`` (timm's models do; the zoo's do not)."""
+    try:
+        return "pre_logits" in inspect.signature(module.forward_head).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def timm_linear_head(module: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` that ``get_classifier()`` names, which maps timm's pre-logits to the logits.
+
+    ``None`` where there is no single linear classifier (distilled ViTs have two heads): then the
+    caller runs ``forward_head`` once more on the feature map.
+    """
+    get_classifier = getattr(module, "get_classifier", None)
+    if not callable(get_classifier):
+        return None
+    try:
+        head = get_classifier()
+    except Exception:  # noqa: BLE001 - any failure means: no single linear head to use
+        return None
+    return head if isinstance(head, nn.Linear) else None
 
 
 def final_linear(module: nn.Module) -> nn.Linear | None:
