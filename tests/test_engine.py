@@ -7,6 +7,7 @@ import ktransfer
 from ktransfer.engine import Engine, TrainConfig
 from ktransfer.errors import ModelError, TrainingError
 from ktransfer.methods import create_method
+from ktransfer.metrics import mcnemar_p_value
 from ktransfer.models.base import Model
 from ktransfer.models.zoo import MLP, SmallCNN
 from ktransfer.predictions import PredictionCache
@@ -55,6 +56,8 @@ def test_transfer_result_and_untouched_inputs(tiny_data, pair):
     assert m["method"] == "kl_dp" and m["epochs"] == 3 and m["lr"] == 0.01 and m["n_eval"] == len(eval_set)
     assert m["delta"] == pytest.approx(m["knowledge_gain"] - m["knowledge_loss"], abs=1e-9)
     assert m["delta"] == pytest.approx(m["acc_after"] - m["acc_before"], abs=1e-9)
+    assert m["gain_count"] - m["loss_count"] == round((m["acc_after"] - m["acc_before"]) * m["n_eval"] / 100)
+    assert m["p_value"] == mcnemar_p_value(m["gain_count"], m["loss_count"])
     assert 0.0 <= m["teacher_share"] <= 1.0
     assert m["hparams"] == {"temperature": 1.0, "supervised": True, "routing": "confidence", "flips_from": "current"}
     # the returned student really is the one evaluated last

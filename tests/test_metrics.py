@@ -74,3 +74,139 @@ def test_per_class_positive_flips():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in length"):
         metrics.transfer_metrics([0, 1], [0, 1, 1], [0, 1])
+
+
+# --------------------------------------------------------------------------- significance
+
+from fractions import Fraction  # noqa: E402
+
+
+def exact_mcnemar(gain: int, loss: int) -> Fraction:
+    """The definition, in fractions: 2·P(X ≤ min) for X ~ binomial(gain + loss, 1/2), capped at 1."""
+    n, k = gain + loss, min(gain, loss)
+    coefficient = tail = math.comb(n, k)
+    for j in range(k, 0, -1):  # C(n, j-1) = C(n, j)·j / (n-j+1), downwards from the top term
+        coefficient = coefficient * j // (n - j + 1)
+        tail += coefficient
+    return min(Fraction(1), 2 * Fraction(tail, 2**n))
+
+
+def test_mcnemar_hand_computed_cases():
+    assert metrics.mcnemar_p_value(0, 5) == 0.0625  # 2 · (1/2)^5
+    assert metrics.mcnemar_p_value(1, 9) == 22 / 1024  # 2 · (1 + 10) / 2^10
+    assert metrics.mcnemar_p_value(0, 1) == 1.0  # 2 · 1/2
+    assert metrics.mcnemar_p_value(0, 0) == 1.0
+    assert metrics.mcnemar_p_value(7, 7) == 1.0
+    assert metrics.mcnemar_p_value(2, 8) == 2 * (1 + 10 + 45) / 1024
+
+
+@pytest.mark.parametrize("gain,loss", [(3, 7), (10, 30), (49, 51), (200, 260), (0, 1074), (5000, 5300), (5400, 4900), (9000, 9400), (5, 15000)])
+def test_mcnemar_matches_the_definition_on_both_sides_of_the_integer_limit(gain, loss):
+    # 9000 + 9400 and 5 + 15000 discordant pairs lie above EXACT_INTEGER_LIMIT: the log-space sum.
+    assert metrics.mcnemar_p_value(gain, loss) == pytest.approx(float(exact_mcnemar(gain, loss)), rel=1e-12, abs=0)
+
+
+def test_mcnemar_log_space_sum_agrees_with_whole_numbers():
+    for n, k in [(1000, 480), (4000, 1950), (10_000, 4900), (10_000, 10)]:
+        log_p = math.log(2.0) + metrics._log_binomial_half_cdf(n, k)
+        assert math.exp(log_p) == pytest.approx(float(exact_mcnemar(k, n - k)), rel=1e-12)
+
+
+def test_mcnemar_large_counts_stay_finite_and_ordered():
+    # Hundreds of thousands of discordant samples: no overflow, no underflow on the way, p in [0, 1].
+    assert metrics.mcnemar_p_value(250_000, 250_000) == 1.0
+    close = metrics.mcnemar_p_value(249_000, 251_000)
+    far = metrics.mcnemar_p_value(248_000, 252_000)
+    assert 0 < far < close < 0.01
+    # ln p from the normal approximation, z = 2000 / sqrt(500000) ≈ 2.83 → p ≈ 0.0047
+    assert close == pytest.approx(math.erfc(2000 / math.sqrt(500_000) / math.sqrt(2)), rel=0.02)
+    assert metrics.mcnemar_p_value(3, 400_000) == 0.0  # far below the smallest float
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mcnemar_identities(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        gain, loss = (int(x) for x in rng.integers(0, 300, 2))
+        p = metrics.mcnemar_p_value(gain, loss)
+        assert 0 <= p <= 1
+        assert p == metrics.mcnemar_p_value(loss, gain)  # symmetric in the two counts
+        # more losses against the same gains (or the reverse) is stronger evidence
+        if loss >= gain:
+            assert metrics.mcnemar_p_value(gain, loss + 1) <= p
+        else:
+            assert metrics.mcnemar_p_value(gain + 1, loss) <= p
+        # with n fixed, a more lopsided split has a smaller p
+        n = gain + loss
+        ps = [metrics.mcnemar_p_value(k, n - k) for k in range(0, n // 2 + 1)]
+        assert all(a <= b for a, b in zip(ps, ps[1:]))
+
+
+def test_mcnemar_rejects_non_counts():
+    for bad in [(-1, 3), (1.5, 2), (True, 2)]:
+        with pytest.raises(ValueError, match="count"):
+            metrics.mcnemar_p_value(*bad)
+
+
+def test_transfer_metrics_carry_counts_and_p_value():
+    labels = np.zeros(20, dtype=int)
+    before = np.array([0] * 10 + [1] * 10)  # right on 10
+    after = np.array([0] * 9 + [1] + [0] * 10)  # one loss (sample 9), ten gains (10..19)
+    m = metrics.transfer_metrics(labels, before, after)
+    assert (m["gain_count"], m["loss_count"]) == (10, 1)
+    assert m["gain_count"] - m["loss_count"] == round(m["delta"] * m["n_eval"] / 100)
+    assert m["p_value"] == 2 * (1 + 11) / 2**11
+    same = metrics.transfer_metrics(labels, before, before)
+    assert same["p_value"] == 1.0 and same["gain_count"] == same["loss_count"] == 0
+
+
+def test_paired_p_value_counts_only_discordant_samples():
+    labels = np.arange(12) % 3
+    first = labels.copy()
+    second = labels.copy()
+    second[:6] = (labels[:6] + 1) % 3  # second wrong where first is right on six samples
+    first[10:] = (labels[10:] + 1) % 3  # both wrong on two samples
+    second[10:] = (labels[10:] + 2) % 3
+    assert metrics.paired_counts(labels, first, second) == (6, 0)
+    assert metrics.paired_p_value(labels, first, second) == 2 / 2**6
+    assert metrics.paired_p_value(labels, second, first) == 2 / 2**6
+    # the same as the p of a "transfer" from first to second
+    assert metrics.paired_p_value(labels, first, second) == metrics.transfer_metrics(labels, first, second)["p_value"]
+
+
+def test_benjamini_hochberg_hand_computed():
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    # sorted: 0.005, 0.01, 0.03, 0.04, 0.5; thresholds k/5·0.05: 0.01, 0.02, 0.03, 0.04, 0.05
+    # largest k with p_(k) ≤ threshold: k = 4 (0.04 ≤ 0.04): the four smallest are discoveries
+    assert metrics.benjamini_hochberg(p, fdr=0.05) == [True, True, True, True, False]
+    assert metrics.benjamini_hochberg(p, fdr=0.03) == [True, False, False, True, False]  # thresholds 0.006, 0.012, ...
+    assert metrics.benjamini_hochberg(p, fdr=0.02) == [False] * 5  # 0.005 > 0.004
+    adjusted = metrics.benjamini_hochberg_adjusted(p)
+    assert adjusted == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+
+
+def test_benjamini_hochberg_properties():
+    rng = np.random.default_rng(3)
+    p = list(rng.random(40) ** 3)
+    marks = metrics.benjamini_hochberg(p, fdr=0.1)
+    adjusted = metrics.benjamini_hochberg_adjusted(p)
+    assert all(q >= x for q, x in zip(adjusted, p)) and all(q <= 1 for q in adjusted)
+    # discoveries are exactly the smallest p-values, and at most those below the fdr itself
+    cut = max((x for x, m in zip(p, marks) if m), default=-1)
+    assert marks == [x <= cut for x in p]
+    assert sum(marks) <= sum(1 for x in p if x <= 0.1)
+    # Bonferroni's discoveries are a subset of BH's
+    assert all(m for x, m in zip(p, marks) if x <= 0.1 / len(p))
+    # missing tests are never discoveries and do not count among the tests
+    assert metrics.benjamini_hochberg([0.01, None, float("nan"), 0.02]) == [True, False, False, True]
+    assert metrics.benjamini_hochberg_adjusted([0.01, None, 0.02])[1] is None
+    assert metrics.benjamini_hochberg([]) == []
+
+
+def test_significance_summary():
+    summary = metrics.significance_summary([0.001, 0.04, 0.2, 0.9, None], alpha=0.05, fdr=0.05)
+    assert summary["tests"] == 4
+    assert summary["below_alpha"] == 2
+    assert summary["expected_by_chance"] == pytest.approx(0.2)
+    assert summary["discoveries"] == 1  # 0.001 ≤ 0.0125; 0.04 > 0.025
+    assert metrics.expected_false_positives(120) == pytest.approx(6.0)

@@ -202,7 +202,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "student": student_model.spec or student_model.name,
         "teacher": teachers[0].spec or teachers[0].name,
         "method": method.name,
-        **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval")},
+        **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval", "gain_count", "loss_count", "p_value")},
         "teacher_share": final.get("teacher_share"),
         "epochs": config.epochs,
         "lr": config.lr,

@@ -868,7 +868,7 @@ def _atomic_write(path: Path, text: str) -> None:
 # Columns first in the CSV and the DataFrame, in this order; the rest follow alphabetically.
 LEADING_COLUMNS = (
     "student", "teacher", "method", "seed", "epochs", "lr", "acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain",
-    "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips",
+    "knowledge_loss", "p_value", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips",
     "delta_neg_flips", "teacher_share", "n_eval", "n_transfer",
 )
 

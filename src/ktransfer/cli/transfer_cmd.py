@@ -60,7 +60,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     echo_preprocessing([student_model, teacher_model])
 
     def on_epoch(record):
-        click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
+        click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
 
     result = transfer(
         student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
@@ -70,7 +70,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     append_record(out / "results.jsonl", result.metrics)
     weights = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
     m = result.metrics
-    click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}))
+    click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value")}))
     click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
 
 
@@ -122,7 +122,7 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
     joined = "+".join(teachers)
     weights = result.save_student(out / f"{file_name(f'{student}-from-{joined}-{strategy}-{method.name}')}.safetensors")
     m = result.metrics
-    summary = {k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss")}
+    summary = {k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value")}
     if strategy == "parallel":
         summary["routed_shares"] = m["routed_shares"]
     elif strategy == "sequential":
