@@ -59,7 +59,8 @@ def small_fashion_mnist(tmp_path, monkeypatch) -> Path:
     monkeypatch.setitem(fashion_mnist.EXPECTED_COUNT, "train", 700)
     monkeypatch.setitem(fashion_mnist.EXPECTED_COUNT, "test", 200)
     monkeypatch.setattr(fashion_mnist, "POOL_SIZE", 500)
-    monkeypatch.setattr(fashion_mnist, "TRANSFER_SIZE", 200)
+    monkeypatch.setattr(fashion_mnist, "TRANSFER_SIZE", 100)
+    monkeypatch.setattr(fashion_mnist, "VALIDATION_SIZE", 200)
     folder = tmp_path / "fmnist"
     folder.mkdir()
     train_images, train_labels = make_images(700, seed=3)
@@ -76,7 +77,7 @@ def tiny_zoo(monkeypatch):
     """Shrink the default zoo's recipes so zoo models train in well under a second each."""
     from ktransfer.models import store
 
-    tiny = {name: store.ZooRecipe(recipe.arch, recipe.seed, subset_size=200, epochs=1, lr=recipe.lr, batch_size=64) for name, recipe in store.DEFAULT_ZOO.items()}
+    tiny = {name: store.ZooRecipe(recipe.arch, recipe.seed, private_size=200, epochs=1, lr=recipe.lr, batch_size=64) for name, recipe in store.DEFAULT_ZOO.items()}
     monkeypatch.setattr(store, "DEFAULT_ZOO", tiny)
     import ktransfer.demo as demo
 

@@ -13,12 +13,20 @@ from conftest import write_idx
 
 def test_reads_and_splits(small_fashion_mnist):
     splits = fashion_mnist.load(small_fashion_mnist)
-    assert (len(splits.pool), len(splits.transfer), len(splits.eval)) == (500, 200, 200)
+    assert (len(splits.pool), len(splits.transfer), len(splits.validation), len(splits.eval)) == (500, 100, 200, 200)
     assert splits.pool.images.shape[1:] == (1, 28, 28) and splits.pool.images.dtype == torch.uint8
     assert splits.eval.class_names[0] == "T-shirt/top" and splits.eval.num_classes == 10
     train = fashion_mnist.read_split(small_fashion_mnist, "train")
-    assert torch.equal(splits.transfer.images, train.images[500:700])  # the transfer set is the end of the training file
-    assert splits.pool.fingerprint() != splits.transfer.fingerprint()
+    # The validation set is the end of the training file, which the zoo's pool leaves out.
+    assert torch.equal(splits.validation.images, train.images[500:700])
+    # The transfer set is a stratified part of the pool: data the zoo trained on, with the pool's class shares.
+    assert torch.equal(splits.transfer.images, train.images[splits.transfer_index])
+    assert int(splits.transfer_index.max()) < 500
+    shares = torch.bincount(splits.pool.labels, minlength=10) * 100 / 500
+    assert (torch.bincount(splits.transfer.labels, minlength=10) - shares).abs().max() < 1
+    assert splits.transfer_set("paper") is splits.transfer and splits.transfer_set("new-data") is splits.validation
+    with pytest.raises(DataError, match="unknown setting"):
+        splits.transfer_set("other")
 
 
 def test_plain_idx_files_work_too(small_fashion_mnist):

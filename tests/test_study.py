@@ -229,9 +229,9 @@ LAUNCHER = """
 import sys, time
 from ktransfer.data import fashion_mnist
 fashion_mnist.EXPECTED_COUNT.update(train=700, test=200)  # the test's small Fashion-MNIST look-alike
-fashion_mnist.POOL_SIZE, fashion_mnist.TRANSFER_SIZE = 500, 200
+fashion_mnist.POOL_SIZE, fashion_mnist.TRANSFER_SIZE, fashion_mnist.VALIDATION_SIZE = 500, 100, 200
 from ktransfer.models import store
-store.DEFAULT_ZOO = {n: store.ZooRecipe(r.arch, r.seed, subset_size=200, epochs=1, lr=r.lr, batch_size=64) for n, r in store.DEFAULT_ZOO.items()}
+store.DEFAULT_ZOO = {n: store.ZooRecipe(r.arch, r.seed, private_size=200, epochs=1, lr=r.lr, batch_size=64) for n, r in store.DEFAULT_ZOO.items()}
 import ktransfer.study as study
 pace = float(sys.argv[1])
 if pace:  # hold each run open a moment so the kill lands in the middle of the study

@@ -32,7 +32,7 @@ import torch
 
 from .api import transfer
 from .analysis import analyze
-from .data.base import ImageData
+from .data.base import ImageData, stratified_split
 from .errors import ConfigError, DataError, KTransferError
 from .extras import require
 from .methods import create_method
@@ -82,35 +82,6 @@ def _folder(config: "DataConfig") -> tuple[ImageData, ImageData]:
 
     splits = load_data(config.source, data_dir=config.dir)
     return splits.transfer, splits.eval
-
-
-def stratified_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a seeded sample of ``size`` items that keeps each class's share, and of the rest.
-
-    Each class gets ``size × its share`` items, rounded so the total is exactly ``size``
-    (largest remainders first), like a stratified shuffle split.
-    """
-    labels = torch.as_tensor(labels).reshape(-1)
-    total = len(labels)
-    if not 0 <= size <= total:
-        raise ConfigError(f"cannot take {size} of {total} samples")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=generator)
-    classes, counts = torch.unique(labels, return_counts=True)
-    exact = counts.double() * size / max(total, 1)
-    quota = exact.floor().long()
-    short = size - int(quota.sum())
-    if short:
-        by_remainder = torch.argsort(exact - quota.double(), descending=True, stable=True)
-        quota[by_remainder[:short]] += 1
-    shuffled = labels[order]
-    picked = []
-    for cls, take in zip(classes.tolist(), quota.tolist()):
-        picked.append(order[shuffled == cls][:take])
-    chosen = torch.sort(torch.cat(picked)).values if picked else torch.empty(0, dtype=torch.long)
-    mask = torch.ones(total, dtype=torch.bool)
-    mask[chosen] = False
-    return chosen, torch.nonzero(mask).reshape(-1)
 
 
 @dataclass

@@ -15,7 +15,7 @@ def data_options(command):
     """Add --data, --transfer-data/--eval-data, the subset options and the folder-reading options."""
     options = [
         click.option("--data", "data_spec", default=None, metavar="SPEC", help="fashion-mnist (the default) or folder:PATH, where PATH holds train/ (transfer) and val/ (evaluation), one subfolder per class."),
-        click.option("--transfer-data", default=None, metavar="SPEC", help="Transfer (training) data on its own: folder:PATH of class subfolders, or fashion-mnist[:transfer|test|pool]."),
+        click.option("--transfer-data", default=None, metavar="SPEC", help="Transfer (training) data on its own: folder:PATH of class subfolders, or fashion-mnist[:transfer|validation|test|pool] (transfer: a stratified 20% of the zoo's pool; validation: the 10k training images the zoo never saw)."),
         click.option("--eval-data", default=None, metavar="SPEC", help="Evaluation data on its own, as --transfer-data; its classes must be among the transfer data's."),
         click.option("--subset", default=None, metavar="FRACTION|INDEX.json", help=f"Train on a stratified subset of the transfer data: a fraction per class (the paper: 0.1), or a saved index to reuse. The index is saved as {SUBSET_INDEX_FILE} in --out."),
         click.option("--subset-per-class", type=click.IntRange(min=1), default=None, metavar="N", help="Stratified subset with N images of each class (all of a class that has fewer)."),

@@ -76,6 +76,35 @@ class ImageData:
             yield index, self.images[index], self.labels[index]
 
 
+def stratified_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a seeded sample of ``size`` items that keeps each class's share, and of the rest.
+
+    Each class gets ``size × its share`` items, rounded so the total is exactly ``size``
+    (largest remainders first), like a stratified shuffle split.
+    """
+    labels = torch.as_tensor(labels).reshape(-1)
+    total = len(labels)
+    if not 0 <= size <= total:
+        raise DataError(f"cannot take {size} of {total} samples")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=generator)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * size / max(total, 1)
+    quota = exact.floor().long()
+    short = size - int(quota.sum())
+    if short:
+        by_remainder = torch.argsort(exact - quota.double(), descending=True, stable=True)
+        quota[by_remainder[:short]] += 1
+    shuffled = labels[order]
+    picked = []
+    for cls, take in zip(classes.tolist(), quota.tolist()):
+        picked.append(order[shuffled == cls][:take])
+    chosen = torch.sort(torch.cat(picked)).values if picked else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[chosen] = False
+    return chosen, torch.nonzero(mask).reshape(-1)
+
+
 def as_image_data(data, name: str, class_names: Sequence[str] | None = None) -> ImageData:
     """Accept an :class:`ImageData`, a pair ``(images, labels)`` or a ``Dataset`` of ``(image, label)``."""
     if isinstance(data, ImageData):

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DataError
 from ..paths import cache_dir
-from .base import ImageData
+from .base import ImageData, stratified_split
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {
@@ -30,9 +30,14 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = os.environ.get("KTRANSFER_FASHION_MNIST_URL", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")
 MEAN, STD = 0.2860, 0.3530  # over the 60k training images, pixels in [0, 1]
 
-# The split every zoo model and the demo rely on.
+# The splits every zoo model, the demo, `transfer --data fashion-mnist` and studies rely on.
 POOL_SIZE = 50_000  # first 50k training images: the zoo's pretraining pool
-TRANSFER_SIZE = 10_000  # last 10k training images: the transfer set, never seen by the zoo
+VALIDATION_SIZE = 10_000  # last 10k training images: never seen by the zoo; every setting is chosen on them
+# The paper's setting: a stratified part of the pool, data every zoo model trained on. The paper took 10% of
+# ImageNet; 20% here, because on the validation split 5k images moved the students too little to show anything.
+TRANSFER_SIZE = 10_000
+TRANSFER_SEED = 1234  # the seed of the authors' stratified split
+SETTINGS = ("paper", "new-data")
 
 
 def download_dir() -> Path:
@@ -140,11 +145,24 @@ def read_split(folder: Path, split: str) -> ImageData:
 
 @dataclass
 class FashionMNISTSplits:
-    """The three disjoint parts the zoo and the demo use."""
+    """The four disjoint-by-role parts of Fashion-MNIST that the zoo, the demo and studies share.
 
-    pool: ImageData  # pretraining pool for the zoo
-    transfer: ImageData  # transfer set, unseen by the zoo
+    ``transfer`` lies inside ``pool`` (the paper's setting: the students have trained on it);
+    ``validation`` and ``eval`` were never seen by the zoo. Choices are made on ``validation``;
+    ``eval`` (the official test set) only evaluates.
+    """
+
+    pool: ImageData  # the zoo's pretraining pool: the first 50k training images
+    transfer: ImageData  # a stratified 20% of the pool, seen by every zoo model
+    validation: ImageData  # the last 10k training images, unseen by the zoo
     eval: ImageData  # the official test set
+    transfer_index: torch.Tensor  # positions of ``transfer`` in ``pool``
+
+    def transfer_set(self, setting: str = "paper") -> ImageData:
+        """The transfer data of a setting: ``paper`` (seen data) or ``new-data`` (the unseen validation images)."""
+        if setting not in SETTINGS:
+            raise DataError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+        return self.transfer if setting == "paper" else self.validation
 
 
 _loaded: dict[Path, FashionMNISTSplits] = {}
@@ -155,9 +173,13 @@ def load(data_dir: str | os.PathLike | None = None) -> FashionMNISTSplits:
     if folder not in _loaded:
         train = read_split(folder, "train")
         test = read_split(folder, "test")
+        pool = train.subset(range(POOL_SIZE), "fashion-mnist/pool")
+        transfer_index, _ = stratified_split(pool.labels, TRANSFER_SIZE, TRANSFER_SEED)
         _loaded[folder] = FashionMNISTSplits(
-            pool=train.subset(range(POOL_SIZE), "fashion-mnist/pool"),
-            transfer=train.subset(range(POOL_SIZE, POOL_SIZE + TRANSFER_SIZE), "fashion-mnist/transfer"),
+            pool=pool,
+            transfer=pool.subset(transfer_index, "fashion-mnist/transfer"),
+            validation=train.subset(range(POOL_SIZE, POOL_SIZE + VALIDATION_SIZE), "fashion-mnist/validation"),
             eval=ImageData(test.images, test.labels, test.class_names, "fashion-mnist/test"),
+            transfer_index=transfer_index,
         )
     return _loaded[folder]

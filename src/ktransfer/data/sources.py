@@ -1,6 +1,6 @@
 """Data specs a user writes: ``fashion-mnist`` (embedded) and ``folder:PATH`` (image folders).
 
-``--data fashion-mnist``      the transfer split (10k training images unseen by the zoo) and the test set
+``--data fashion-mnist``      the transfer split (a stratified 20% of the zoo's pool, seen by the zoo) and the test set
 ``--data folder:PATH``        ``PATH/train`` for transfer, ``PATH/val`` (or ``validation``, ``test``) for evaluation
 ``--transfer-data folder:A``  one folder of class subfolders each, given separately
 ``--eval-data folder:B``
@@ -21,7 +21,7 @@ from .base import ImageData
 from .folder import FolderImageData, FolderListing, apply_subset_index, load_folder, make_subset, save_subset_index, scan_folder
 
 EVAL_FOLDER_NAMES = ("val", "validation", "test")
-FASHION_MNIST_PARTS = ("transfer", "test", "pool")
+FASHION_MNIST_PARTS = ("transfer", "validation", "test", "pool")
 DEFAULT_IMAGE_SIZE = 224
 
 DataSource = ImageData | FolderListing  # what open_data gives: images in memory, or files not yet decoded
@@ -38,7 +38,7 @@ def _fashion_mnist(part: str, data_dir) -> ImageData:
     from . import fashion_mnist
 
     splits = fashion_mnist.load(data_dir)
-    return {"transfer": splits.transfer, "test": splits.eval, "eval": splits.eval, "pool": splits.pool}[part]
+    return {"transfer": splits.transfer, "validation": splits.validation, "test": splits.eval, "eval": splits.eval, "pool": splits.pool}[part]
 
 
 def _folder_root(spec: str) -> Path:

@@ -1,8 +1,9 @@
 """Training the embedded zoo once and reloading it: weights cached as safetensors.
 
-A zoo model is an architecture plus a recipe (its seeded subset of the pretraining pool and
-its training settings). The cache key covers the recipe and the pool's content, so a change
-of either retrains.
+A zoo model is an architecture plus a recipe: its training data (the shared transfer set, which
+every zoo model sees, plus a seeded private part of the rest of the pretraining pool) and its
+training settings (a cosine schedule to zero, so each model ends converged). The cache key covers
+the recipe and the content of the pool and the transfer set, so a change of any retrains.
 """
 
 from __future__ import annotations
@@ -23,33 +24,45 @@ from ..paths import cache_dir
 from .base import Model, Preprocess
 from .zoo import ZOO_ARCHITECTURES
 
-ZOO_FORMAT = 2  # bump when architectures change: old weights are then retrained, not misloaded
+ZOO_FORMAT = 3  # bump when architectures change: old weights are then retrained, not misloaded
 FASHION_MNIST_PREPROCESS = Preprocess(mean=(fashion_mnist.MEAN,), std=(fashion_mnist.STD,), input_size=(28, 28), in_chans=1)
 
 
 @dataclass(frozen=True)
 class ZooRecipe:
+    """How one zoo model is trained: on the transfer set plus ``private_size`` other pool images of its own."""
+
     arch: str
     seed: int
-    subset_size: int = 15_000
-    epochs: int = 2
+    private_size: int = 10_000
+    epochs: int = 6
     lr: float = 0.05
     batch_size: int = 128
     weight_decay: float = 5e-4
+    schedule: str = "cosine"
 
-    def key(self, pool: ImageData) -> str:
-        payload = json.dumps({"recipe": asdict(self), "pool": pool.fingerprint(), "format": ZOO_FORMAT}, sort_keys=True)
+    def key(self, pool: ImageData, transfer_index: torch.Tensor) -> str:
+        payload = json.dumps(
+            {"recipe": asdict(self), "pool": pool.fingerprint(), "transfer": _index_fingerprint(transfer_index), "format": ZOO_FORMAT}, sort_keys=True
+        )
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 
-# The default zoo: short training on small subsets, so that accuracies spread out.
+def _index_fingerprint(index: torch.Tensor) -> str:
+    return hashlib.blake2b(index.to(torch.int64).numpy().tobytes(), digest_size=8).hexdigest()
+
+
+# The default zoo: six architectures with their own seeds, private data budgets and epochs, each
+# trained to convergence (cosine to zero). Every model has seen the transfer set, as the paper's
+# students have seen theirs, so fine-tuning on it teaches them nothing new; each has also seen
+# pool images the others have not, which is where a teacher's complementary knowledge comes from.
 DEFAULT_ZOO: dict[str, ZooRecipe] = {
-    "mlp": ZooRecipe("mlp", seed=1, epochs=2, lr=0.02),
-    "cnn": ZooRecipe("cnn", seed=2, epochs=4),
-    "resnet": ZooRecipe("resnet", seed=3, epochs=2),
-    "convnext": ZooRecipe("convnext", seed=4, epochs=4),
-    "vit": ZooRecipe("vit", seed=5, epochs=3, lr=0.02),
-    "mixer": ZooRecipe("mixer", seed=6, epochs=2, lr=0.02),
+    "mlp": ZooRecipe("mlp", seed=1, private_size=10_000),
+    "cnn": ZooRecipe("cnn", seed=2, private_size=15_000),
+    "resnet": ZooRecipe("resnet", seed=3, private_size=5_000, epochs=5),
+    "convnext": ZooRecipe("convnext", seed=4, private_size=10_000),
+    "vit": ZooRecipe("vit", seed=5, private_size=15_000, lr=0.02),
+    "mixer": ZooRecipe("mixer", seed=6, private_size=10_000, lr=0.02),
 }
 
 
@@ -63,8 +76,8 @@ def build(arch: str, num_classes: int = 10) -> torch.nn.Module:
     return ZOO_ARCHITECTURES[arch][1](num_classes=num_classes)
 
 
-def weights_path(name: str, recipe: ZooRecipe, pool: ImageData) -> Path:
-    return cache_dir() / "zoo" / f"{name}-{recipe.key(pool)}.safetensors"
+def weights_path(name: str, recipe: ZooRecipe, splits: fashion_mnist.FashionMNISTSplits) -> Path:
+    return cache_dir() / "zoo" / f"{name}-{recipe.key(splits.pool, splits.transfer_index)}.safetensors"
 
 
 def load_zoo_model(
@@ -83,7 +96,7 @@ def load_zoo_model(
     with torch.random.fork_rng():  # the same weights whatever ran before, and the caller's RNG left alone
         torch.manual_seed(recipe.seed)
         module = build(recipe.arch)
-    path = weights_path(name, recipe, splits.pool)
+    path = weights_path(name, recipe, splits)
     if path.is_file():
         try:
             module.load_state_dict(load_file(path))
@@ -91,7 +104,7 @@ def load_zoo_model(
             path.unlink(missing_ok=True)
             return load_zoo_model(name, data_dir, recipe, on_step)
     else:
-        train_zoo_model(module, recipe, splits.pool, on_step)
+        train_zoo_model(module, recipe, splits, on_step)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp, metadata={"recipe": json.dumps(asdict(recipe))})
@@ -100,13 +113,24 @@ def load_zoo_model(
     return Model(module, name, FASHION_MNIST_PREPROCESS, family, f"zoo:{name}")
 
 
-def train_zoo_model(module: torch.nn.Module, recipe: ZooRecipe, pool: ImageData, on_step=None) -> None:
+def training_index(recipe: ZooRecipe, pool_size: int, transfer_index: torch.Tensor) -> torch.Tensor:
+    """Positions in the pool a zoo model trains on: the transfer set plus its seeded private part of the rest."""
+    rest = torch.ones(pool_size, dtype=torch.bool)
+    rest[transfer_index] = False
+    rest = rest.nonzero().reshape(-1)
+    private = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(recipe.seed))[: recipe.private_size]]
+    return torch.sort(torch.cat([transfer_index, private])).values
+
+
+def train_zoo_model(module: torch.nn.Module, recipe: ZooRecipe, splits: fashion_mnist.FashionMNISTSplits, on_step=None) -> None:
     from ..engine import Engine, TrainConfig
     from ..methods import create_method
 
-    subset = torch.randperm(len(pool), generator=torch.Generator().manual_seed(recipe.seed))[: recipe.subset_size]
-    data = pool.subset(subset, f"{pool.name}[seed={recipe.seed},n={recipe.subset_size}]")
-    config = TrainConfig(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, seed=recipe.seed)
+    index = training_index(recipe, len(splits.pool), splits.transfer_index)
+    data = splits.pool.subset(index, f"{splits.pool.name}[transfer+{recipe.private_size} private, seed={recipe.seed}]")
+    config = TrainConfig(
+        epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, seed=recipe.seed, schedule=recipe.schedule
+    )
     torch.manual_seed(recipe.seed)
     model = Model(module, recipe.arch, FASHION_MNIST_PREPROCESS)
     Engine(model, create_method("ce"), data, config, on_step=on_step).run()
