@@ -62,23 +62,49 @@ def test_demo_bad_input(small_fashion_mnist, tmp_path):
     one_line_error(run("demo", "--out", tmp_path, "--device", "tpu7", "--data-dir", small_fashion_mnist), "unknown device 'tpu7'")
 
 
-def test_demo_end_to_end_and_resume(small_fashion_mnist, tiny_zoo, tmp_path):
+def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo, tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--profile", "quick", "--students", "cnn,vit", "--teachers", "cnn,vit,mlp", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist]
     result = run(*args)
     assert result.exit_code == 0, result.output
     records = read_records(out / "results.jsonl")
-    assert len(records) == 2 * 2 * 2  # 2 students x 2 other teachers x 2 methods
-    assert {(r["student"], r["teacher"], r["method"]) for r in records} == {
+    transfers = [r for r in records if not r["control"]]
+    controls = [r for r in records if r["control"]]
+    assert len(transfers) == 2 * 2 * 2  # 2 students x 2 other teachers x 2 methods
+    assert {(r["student"], r["teacher"], r["method"]) for r in transfers} == {
         (f"zoo:{s}", f"zoo:{t}", m) for s in ("cnn", "vit") for t in ("cnn", "vit", "mlp") if s != t for m in ("kl", "kl_dp")
     }
-    for text in ("Zoo", "Complementary knowledge", "Per method", "success rate"):
+    # one ce and one self control per student, records of their own with no teacher
+    assert sorted((r["student"], r["method"]) for r in controls) == [(f"zoo:{s}", c) for s in ("cnn", "vit") for c in ("ce", "self")]
+    assert all(r["teacher"] is None and r["teacher_acc"] is None for r in controls)
+    for r in transfers:
+        ce = next(c for c in controls if c["student"] == r["student"] and c["method"] == "ce")
+        own = next(c for c in controls if c["student"] == r["student"] and c["method"] == "self")
+        assert r["control_delta"] == ce["delta"] and r["self_delta"] == own["delta"]
+        assert r["delta_vs_control"] == pytest.approx(r["acc_after"] - ce["acc_after"])
+        assert r["delta_vs_self"] == pytest.approx(r["acc_after"] - own["acc_after"])
+        # the discordant counts of the paired comparison explain the difference exactly
+        assert r["delta_vs_control"] == pytest.approx(100 * (r["gain_count_vs_control"] - r["loss_count_vs_control"]) / r["n_eval"])
+        assert 0 <= r["p_value"] <= 1 and 0 <= r["p_value_vs_control"] <= 1 and 0 <= r["p_value_vs_self"] <= 1
+        assert r["setting"] == "paper" and r["transfer_data"] == "fashion-mnist/transfer"
+    for text in ("Zoo", "Complementary knowledge", "Controls", "Per method", "success rate", "beats ce", "by chance"):
         assert text in result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"kl", "kl_dp"}
+    assert set(summary["methods"]) == {"kl", "kl_dp"} and set(summary["controls"]) == {"ce", "self"}
     zoo = json.loads((out / "zoo.json").read_text())
     assert {row["name"] for row in zoo} == {"cnn", "vit", "mlp"}
-    # a second run reuses every finished transfer and appends nothing
+    # a second run reuses every finished run, and the file still holds each run once, comparisons included
     again = run(*args)
-    assert again.exit_code == 0 and "reused 8 finished transfers" in again.output
-    assert len(read_records(out / "results.jsonl")) == 8
+    assert again.exit_code == 0 and "reused 12 finished runs" in again.output
+    rerun = read_records(out / "results.jsonl")
+    assert len(rerun) == 12 and [r["delta_vs_control"] for r in rerun if not r["control"]] == [r["delta_vs_control"] for r in transfers]
+
+
+def test_demo_new_data_setting_transfers_on_the_unseen_images(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "new"
+    result = run("demo", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert record["setting"] == "new-data" and record["transfer_data"] == "fashion-mnist/validation" and record["n_transfer"] == 200
+    assert "delta_vs_control" not in record and "Controls" not in result.output
+    one_line_error(run("demo", "--seeds", "0,x", "--out", out, "--data-dir", small_fashion_mnist), "seeds must be comma-separated integers")

@@ -208,7 +208,8 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
     assert dom.attributes.get("data-images") == "6/6"
     # The tables as the browser built them hold the study's own numbers: with one teacher per student, the
     # per-student mean Δ is that run's Δ.
-    records = load_records(study.folder)
+    everything = load_records(study.folder)
+    records = [r for r in everything if not r["control"]]
     students = {row[0]: row for row in dom.tables["student-table"][1:]}
     for r in records:
         column = 2 if r["method"] == "kl" else 6
@@ -217,6 +218,12 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
     positive = {m: sum(1 for r in records if r["method"] == m and r["delta"] > 0) for m in ("kl", "kl_dp")}
     success = {row[0]: row for row in dom.tables["success-table"][1:]}
     assert success["kl"][5] == f"{positive['kl']}/2" and success["kl_dp"][5] == f"{positive['kl_dp']}/2"
+    # The controls (ce and self, by default in a study) have a table of their own with their mean Δ.
+    controls = {row[0]: row for row in dom.tables["controls-table"][1:]}
+    for kind in ("ce", "self"):
+        deltas = [r["delta"] for r in everything if r["control"] and r["method"] == kind]
+        assert len(deltas) == 2 and controls[kind][3] == f"{sum(deltas) / 2:+.2f}"
+    assert {row[0] for row in dom.tables["significance-table"][1:]} == {"kl", "kl_dp"}
     # A page with a broken image is caught by the same check.
     broken = tmp_path / "broken.html"
     broken.write_text(checked.read_text().replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1))

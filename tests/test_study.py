@@ -24,9 +24,13 @@ def config_dict(data_dir, **overrides):
         "lr": 0.01,
         "batch_size": 64,
         "data": {"source": "fashion-mnist", "dir": str(data_dir), "transfer_size": 100, "eval_size": 100},
+        "controls": [],  # the controls have a test of their own; the other tests count transfers
     }
     raw.update(overrides)
-    return raw
+    return {k: v for k, v in raw.items() if v is not DEFAULT}
+
+
+DEFAULT = object()  # an override that leaves the key out, so the config's default applies
 
 
 def make_study(tmp_path, data_dir, **overrides):
@@ -60,6 +64,7 @@ def db_rows(folder, phase="study"):
         ({"search": {"holdout": 1.5}}, "strictly between 0 and 1"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "cached or online"),
+        ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
     ],
 )
 def test_config_errors_say_what_to_fix(tmp_path, change, message):
@@ -130,6 +135,25 @@ def test_study_runs_every_combination_and_resumes_without_repeating(small_fashio
     again = Study.open(study.folder)  # a study folder holds its own config
     again.run(log=lambda line: None)
     assert calls == [] and len(db_rows(study.folder)) == 4
+
+
+def test_controls_run_once_per_student_and_setting_and_every_transfer_is_compared_with_them(small_fashion_mnist, tiny_zoo, tmp_path):
+    study = make_study(tmp_path, small_fashion_mnist, controls=DEFAULT, methods=["kl", {"name": "kl_dp", "lr": 0.02}], students=["zoo:mlp", "zoo:cnn"], teachers=["zoo:cnn"])
+    assert study.config.controls == ["ce", "self"]  # the default
+    study.run(log=lambda line: None)
+    records = load_records(study.folder)
+    controls = [r for r in records if r.get("control")]
+    # one per student (only mlp has a teacher other than itself) and learning rate: 2 lrs x 2 controls
+    assert sorted((r["student"], r["method"], r["lr"]) for r in controls) == [("zoo:mlp", c, lr) for c in ("ce", "self") for lr in (0.01, 0.02)]
+    assert all(r["teacher"] is None for r in controls)
+    for r in (r for r in records if not r.get("control")):
+        ce = next(c for c in controls if c["method"] == "ce" and c["lr"] == r["lr"])
+        assert r["control_delta"] == ce["delta"] and r["delta_vs_control"] == pytest.approx(r["acc_after"] - ce["acc_after"])
+        assert 0 <= r["p_value_vs_control"] <= 1 and "delta_vs_self" in r
+    frame = load_results(study.folder)
+    assert sorted(frame["control"].tolist()) == [False] * 2 + [True] * 4
+    # --no-controls (controls: []) plans no control run
+    assert not any(run.control for run in make_study(tmp_path / "none", small_fashion_mnist).study_plan({}))
 
 
 def test_a_failing_run_is_recorded_and_the_study_goes_on(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):

@@ -85,6 +85,8 @@ class TransferResult:
     metrics: dict
     history: list[dict] = field(default_factory=list)
     model: Model | None = None
+    # The returned student's top-1 predictions on the evaluation set, for paired comparisons (controls).
+    predictions: torch.Tensor | None = None
 
     def save_student(self, path: str | Path) -> Path:
         path = Path(path)
@@ -223,6 +225,6 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         metrics["teachers"] = [t.spec or t.name for t in teachers]
     result_module.eval()  # ready for inference, as the models it was evaluated as
     final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec, feature_layer=trained.feature_layer)
-    return TransferResult(result_module, metrics, history, final_model)
+    return TransferResult(result_module, metrics, history, final_model, evaluator.last_predictions)
 
 

@@ -88,7 +88,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     ]
     console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
 
-    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, cache=cache, device=options.device)
+    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size, cache=cache, device=options.device)
     teachers = [models[name] for name in options.teachers]
     results_path = out / "results.jsonl"
     previous = {_run_key(r): r for r in read_records(results_path) if "hparams" in r} if results_path.exists() else {}
@@ -115,7 +115,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                     records.append(record)
                     progress.console.print(f"  {method:<6} {label:<24} → {student_name:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)")
 
-                planned = dict(student=student.spec, method=method, epochs=options.epochs, lr=options.lr, seed=options.seed, batch_size=options.batch_size, hparams=method_obj.describe())
+                planned = dict(student=student.spec, method=method, epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size, hparams=method_obj.describe())
                 singles = []
                 for teacher_name, teacher in zip(options.teachers, teachers):
                     progress.update(overall, description=f"{method}: {teacher_name} → {student_name}")

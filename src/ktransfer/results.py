@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
 from .errors import DataError
-from .metrics import success_rate
+from .metrics import significance_summary, success_rate
+
+ALPHA = 0.05  # the significance level of every table
 
 REQUIRED_KEYS = (
     "student", "teacher", "method", "acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss",
@@ -56,18 +59,96 @@ def _mean(values: Iterable[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per method: pairs, success rate (Δ > 0), mean Δ, and mean Δ for weaker and stronger teachers."""
+def is_control(record: dict) -> bool:
+    """A control run (``ce`` or ``self``, no teacher), kept apart from transfers in every summary."""
+    return bool(record.get("control"))
+
+
+def pair_means(records: Iterable[dict], key: str = "delta") -> dict[tuple[str, str, str], float]:
+    """Mean of ``key`` per (method, student, teacher), over seeds: a pair counts once in a success rate."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get(key) is not None:
+            groups[(r["method"], r["student"], r["teacher"])].append(r[key])
+    return {pair: statistics.fmean(values) for pair, values in groups.items()}
+
+
+def success_by_student(records: Iterable[dict], significant: bool = False, alpha: float = ALPHA) -> dict[str, dict[str, float]]:
+    """Per method, per student: the share (percent) of its teachers with Δ > 0 (the paper's success rate, SPEC §2).
+
+    With ``significant``, a pair counts only where its Δ is also significant (McNemar p < ``alpha``;
+    with several seeds, in every seed). Pairs are averaged over seeds first.
+    """
+    records = [r for r in records if not is_control(r)]
+    deltas = pair_means(records)
+    if significant:
+        every_seed: dict[tuple[str, str, str], bool] = {}
+        for r in records:
+            pair = (r["method"], r["student"], r["teacher"])
+            every_seed[pair] = every_seed.get(pair, True) and _significant(r, "p_value", alpha) and r["delta"] > 0
+        deltas = {pair: (1.0 if every_seed.get(pair) else 0.0) for pair in deltas}
+    by_student: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (method, student, _teacher), delta in deltas.items():
+        by_student[method][student].append(delta)
+    return {method: {student: success_rate(values) for student, values in students.items()} for method, students in by_student.items()}
+
+
+def median_success_rate(per_student: dict[str, float]) -> float:
+    """The paper's summary of a method: the median over students of their success rates."""
+    return statistics.median(per_student.values()) if per_student else float("nan")
+
+
+def _significant(record: dict, key: str, alpha: float) -> bool:
+    p = record.get(key)
+    return p is not None and p < alpha
+
+
+def _count(rows, test) -> int:
+    return sum(1 for r in rows if test(r))
+
+
+def _versus(rows: list[dict], name: str, alpha: float) -> dict:
+    compared = [r for r in rows if r.get(f"delta_vs_{name}") is not None]
+    return {
+        f"compared_with_{name}": len(compared),
+        f"beats_{name}": _count(compared, lambda r: r[f"delta_vs_{name}"] > 0),
+        f"beats_{name}_significantly": _count(compared, lambda r: r[f"delta_vs_{name}"] > 0 and _significant(r, f"p_value_vs_{name}", alpha)),
+        f"mean_delta_vs_{name}": _mean(r[f"delta_vs_{name}"] for r in compared),
+    }
+
+
+def summarize(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
+    """Per method (controls apart): success rates, mean Δ (± std over seeds), Δ by teacher strength, and each control's comparison.
+
+    ``success_rate`` is the paper's: per student the share of teachers with Δ > 0, then the median
+    over students; ``success_rate_significant`` counts only Δ > 0 with McNemar p < ``alpha``. With
+    many pairs some p-values are small by chance: ``expected_by_chance`` is that count
+    (``alpha`` × pairs), ``fdr_discoveries`` the Benjamini–Hochberg discoveries at FDR ``alpha``.
+    """
     out: dict[str, dict] = {}
-    for method in dict.fromkeys(r["method"] for r in records):
-        rows = [r for r in records if r["method"] == method]
+    transfers = [r for r in records if not is_control(r)]
+    rates = success_by_student(transfers, alpha=alpha)
+    significant_rates = success_by_student(transfers, significant=True, alpha=alpha)
+    for method in dict.fromkeys(r["method"] for r in transfers):
+        rows = [r for r in transfers if r["method"] == method]
         weaker = [r["delta"] for r in rows if r["teacher_acc"] < r["acc_before"]]
         stronger = [r["delta"] for r in rows if r["teacher_acc"] >= r["acc_before"]]
+        seeds = sorted({r.get("seed") for r in rows}, key=str)
+        seed_means = [_mean(r["delta"] for r in rows if r.get("seed") == seed) for seed in seeds]
+        p_values = [r.get("p_value") for r in rows]
+        significance = significance_summary(p_values, alpha=alpha, fdr=alpha)
         out[method] = {
             "pairs": len(rows),
-            "positive": sum(1 for r in rows if r["delta"] > 0),
-            "success_rate": success_rate(r["delta"] for r in rows),
+            "positive": _count(rows, lambda r: r["delta"] > 0),
+            "significant_positive": _count(rows, lambda r: r["delta"] > 0 and _significant(r, "p_value", alpha)),
+            "significant_negative": _count(rows, lambda r: r["delta"] < 0 and _significant(r, "p_value", alpha)),
+            "success_rate": median_success_rate(rates.get(method, {})),
+            "success_rate_significant": median_success_rate(significant_rates.get(method, {})),
+            "success_by_student": rates.get(method, {}),
+            "students": len(rates.get(method, {})),
             "mean_delta": _mean(r["delta"] for r in rows),
+            "seeds": len(seeds),
+            "mean_delta_std_over_seeds": statistics.stdev(seed_means) if len(seed_means) > 1 else None,
             "mean_delta_weaker_teacher": _mean(weaker),
             "weaker_pairs": len(weaker),
             "weaker_negative": sum(1 for d in weaker if d < 0),
@@ -75,5 +156,31 @@ def summarize(records: list[dict]) -> dict[str, dict]:
             "stronger_pairs": len(stronger),
             "mean_knowledge_gain": _mean(r["knowledge_gain"] for r in rows),
             "mean_knowledge_loss": _mean(r["knowledge_loss"] for r in rows),
+            "expected_by_chance": significance["expected_by_chance"],
+            "fdr_discoveries": significance["discoveries"],
+            **_versus(rows, "control", alpha),
+            **_versus(rows, "self", alpha),
+        }
+    return out
+
+
+def summarize_controls(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
+    """Per control (``ce``, ``self``): runs, mean Δ (± std over seeds) and how many Δs are significant either way."""
+    out: dict[str, dict] = {}
+    controls = [r for r in records if is_control(r)]
+    for kind in dict.fromkeys(r["method"] for r in controls):
+        rows = [r for r in controls if r["method"] == kind]
+        seeds = sorted({r.get("seed") for r in rows}, key=str)
+        seed_means = [_mean(r["delta"] for r in rows if r.get("seed") == seed) for seed in seeds]
+        out[kind] = {
+            "runs": len(rows),
+            "students": len({r["student"] for r in rows}),
+            "mean_delta": _mean(r["delta"] for r in rows),
+            "mean_delta_std_over_seeds": statistics.stdev(seed_means) if len(seed_means) > 1 else None,
+            "min_delta": min(r["delta"] for r in rows),
+            "max_delta": max(r["delta"] for r in rows),
+            "significant_positive": _count(rows, lambda r: r["delta"] > 0 and _significant(r, "p_value", alpha)),
+            "significant_negative": _count(rows, lambda r: r["delta"] < 0 and _significant(r, "p_value", alpha)),
+            "by_student": {student: _mean(r["delta"] for r in rows if r["student"] == student) for student in dict.fromkeys(r["student"] for r in rows)},
         }
     return out

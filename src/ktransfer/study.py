@@ -32,6 +32,7 @@ import torch
 
 from .api import transfer
 from .analysis import analyze
+from .controls import CONTROLS, attach_controls, check_controls, is_control, load_predictions, run_control, save_predictions
 from .data.base import ImageData, stratified_split
 from .errors import ConfigError, DataError, KTransferError
 from .extras import require
@@ -43,6 +44,8 @@ from .results import _clean
 
 CONFIG_FILE = "study.yaml"
 DB_FILE = "study.db"
+PREDICTIONS_DIR = "predictions"  # each run's evaluation-set predictions, for the paired comparisons with controls
+LABELS_KEY = "labels"  # the evaluation labels, beside them
 LOCK_FILE = ".study.lock"
 PHASES = ("search", "study")
 STATUSES = ("pending", "running", "done", "failed")
@@ -302,7 +305,8 @@ class SearchConfig:
         return {"pairs": self.pairs if isinstance(self.pairs, int) else [list(p) for p in self.pairs], "holdout": self.holdout, "seed": self.seed, "epochs": self.epochs}
 
 
-TOP_LEVEL_KEYS = {"name", "students", "teachers", "methods", "seeds", "epochs", "lr", "batch_size", "data", "search", "targets", "device"}
+TOP_LEVEL_KEYS = {"name", "students", "teachers", "methods", "seeds", "epochs", "lr", "batch_size", "data", "search", "targets", "device", "controls"}
+CONTROL_PREFIX = "control:"  # a control's method in the store, apart from a method a study may list (ce is one)
 
 
 @dataclass
@@ -319,6 +323,8 @@ class StudyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     targets: str = "cached"
     device: str = "cpu"
+    # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
 
     @classmethod
     def from_dict(cls, raw: dict, default_name: str = "study", data_dir: str | None = None, source: str = "config") -> "StudyConfig":
@@ -344,6 +350,10 @@ class StudyConfig:
         if targets not in ("cached", "online"):
             raise ConfigError(f"targets: must be cached or online; got {targets!r}")
         lr = raw.get("lr")
+        try:
+            controls = check_controls(_as_str(c, "controls") for c in _as_list(raw.get("controls", list(CONTROLS)), "controls"))
+        except ConfigError as exc:
+            raise ConfigError(f"controls: {exc}") from None
         config = cls(
             name=_as_str(raw.get("name", default_name), "name"),
             students=students,
@@ -357,6 +367,7 @@ class StudyConfig:
             search=SearchConfig.parse(raw.get("search")),
             targets=targets,
             device=_as_str(raw.get("device", "cpu"), "device"),
+            controls=controls,
         )
         if config.lr is not None and config.lr <= 0:
             raise ConfigError(f"lr: must be positive; got {config.lr}")
@@ -389,7 +400,7 @@ class StudyConfig:
         out = {
             "name": self.name, "students": list(self.students), "teachers": list(self.teachers),
             "methods": [m.to_dict() for m in self.methods], "seeds": list(self.seeds), "epochs": self.epochs,
-            "batch_size": self.batch_size, "data": data, "targets": self.targets, "device": self.device,
+            "batch_size": self.batch_size, "data": data, "targets": self.targets, "device": self.device, "controls": list(self.controls),
         }
         if self.lr is not None:
             out["lr"] = self.lr
@@ -456,7 +467,14 @@ class RunSpec:
     def key(self) -> str:
         return hashlib.blake2b(json.dumps(self.config(), sort_keys=True).encode(), digest_size=8).hexdigest()
 
+    @property
+    def control(self) -> str | None:
+        """``ce`` or ``self`` for a control run, else None."""
+        return self.method.removeprefix(CONTROL_PREFIX) if self.method.startswith(CONTROL_PREFIX) else None
+
     def describe(self) -> str:
+        if self.control:
+            return f"{self.control} control (lr {self.lr:g}, no teacher): {self.student}, seed {self.seed}"
         params = " ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.method} (lr {self.lr:g}{' ' + params if params else ''}): {self.teacher} → {self.student}, seed {self.seed}"
 
@@ -654,7 +672,13 @@ class Study:
                     continue
                 for seed in self.config.seeds:
                     runs.append(self._spec("study", student, teacher, method.name, setting, seed))
-        return runs
+        # Each control once per student, learning rate and seed of the planned transfers: same data, budget and seed.
+        settings = sorted({(run.student, run.lr, run.seed) for run in runs}, key=lambda item: (self.config.students.index(item[0]), item[1], item[2]))
+        controls = [
+            self._spec("study", student, "", CONTROL_PREFIX + kind, {"lr": lr, "params": {}}, seed)
+            for student, lr, seed in settings for kind in self.config.controls
+        ]
+        return controls + runs
 
     def choose(self, store: StudyStore) -> tuple[dict[str, dict | None], dict[str, list[dict]]]:
         """Per searched method, the setting with the best mean held-out Δ among those whose runs all finished.
@@ -714,6 +738,7 @@ class Study:
         for model in models.values():
             model.module.to(device)  # the analysis and the frozen teachers run where the students train
         self._write_analysis(models, data, cache, device)
+        save_predictions(self.folder / PREDICTIONS_DIR, LABELS_KEY, data.eval.labels)
 
         search_plan = self.search_plan()
         if search_plan:
@@ -756,16 +781,19 @@ class Study:
             todo.append(run)
         for number, run in enumerate(todo, 1):
             store.mark_running(run.key)
+            settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, device=device, cache=cache)
             try:
-                result = transfer(
-                    models[run.student], models[run.teacher], data.transfer, data.eval, method=create_method(run.method, **run.params),
-                    epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, device=device, cache=cache,
-                )
+                if run.control:
+                    result = run_control(run.control, models[run.student], data.transfer, data.eval, **settings)
+                else:
+                    result = transfer(models[run.student], models[run.teacher], data.transfer, data.eval, method=create_method(run.method, **run.params), **settings)
             except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the study goes on
                 store.mark_failed(run.key, f"{type(exc).__name__}: {exc}", traceback.format_exc())
                 log(f"[{number}/{len(todo)}] FAILED {run.describe()}: {type(exc).__name__}: {exc}")
                 continue
-            record = {**result.metrics, "study": self.config.name, "phase": run.phase, "run_key": run.key}
+            record = {**result.metrics, "study": self.config.name, "phase": run.phase, "run_key": run.key, "control": bool(run.control)}
+            if result.predictions is not None:  # for the paired comparisons with the controls
+                save_predictions(self.folder / PREDICTIONS_DIR, run.key, result.predictions)
             store.mark_done(run.key, record)
             log(
                 f"[{number}/{len(todo)}] {run.describe()}: Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  "
@@ -794,6 +822,7 @@ class Study:
         finally:
             if own:
                 store.close()
+        compare_with_controls(self.folder, records)
         _atomic_write(self.folder / "results.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in records))
         _atomic_write(self.folder / "results.csv", records_to_csv(records))
         return records
@@ -822,6 +851,17 @@ class Study:
         finally:
             if store:
                 store.close()
+
+
+def compare_with_controls(folder: Path, records: list[dict]) -> None:
+    """Add each transfer's comparison with the controls of its setting (ktransfer.controls), from the predictions the study saved."""
+    if not any(is_control(r) for r in records):
+        return
+    labels = load_predictions(folder / PREDICTIONS_DIR, LABELS_KEY)
+    if labels is None:
+        return
+    predictions = {id(r): p for r in records if (p := load_predictions(folder / PREDICTIONS_DIR, r.get("run_key", ""))) is not None}
+    attach_controls(records, predictions, labels)
 
 
 def study_records(store: StudyStore) -> list[dict]:
@@ -881,9 +921,11 @@ def load_records(folder: str | Path) -> list[dict]:
     if (folder / DB_FILE).exists():
         store = StudyStore(folder / DB_FILE)
         try:
-            return study_records(store)
+            records = study_records(store)
         finally:
             store.close()
+        compare_with_controls(folder, records)
+        return records
     if (folder / "results.jsonl").exists():
         from .results import read_records
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from .results import ALPHA, is_control
+
 
 def _fmt(value, spec: str = ".2f") -> str:
     if value is None or value != value:
@@ -30,29 +32,89 @@ def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None =
     return table
 
 
+def _delta(value, p_value, alpha: float = ALPHA) -> str:
+    """A difference of accuracies, starred where its McNemar p-value is below ``alpha``."""
+    text = _fmt(value, "+.2f")
+    return text + ("*" if p_value is not None and value is not None and p_value < alpha else "")
+
+
+def _p(value) -> str:
+    if value is None or value != value:
+        return "–"
+    return f"{value:.3f}" if value >= 0.001 else "<.001"
+
+
 def pairs_table(records: list[dict], n_eval: int) -> Table:
-    table = Table(title=f"Transfers (percent of {n_eval:,} evaluation images; share = data routed to the teacher)")
-    for column in ("method", "teacher", "student", "teacher acc", "student acc", "Δ", "gain", "loss", "share"):
+    transfers = [r for r in records if not is_control(r)]
+    with_controls = any(r.get("delta_vs_control") is not None or r.get("delta_vs_self") is not None for r in transfers)
+    title = f"Transfers (percent of {n_eval:,} evaluation images; * p < {ALPHA} by an exact McNemar test; share = data routed to the teacher)"
+    if with_controls:
+        title += "; vs ce / vs self: accuracy after minus the ce / self control's"
+    table = Table(title=title)
+    columns = ["method", "teacher", "student", "seed", "teacher acc", "student acc", "Δ", "p"]
+    if with_controls:
+        columns += ["vs ce", "vs self"]
+    columns += ["gain", "loss", "share"]
+    if len({r.get("seed") for r in transfers}) <= 1:
+        columns.remove("seed")
+    for column in columns:
         # names never wrap or get cut; the numeric columns give way on a narrow terminal
         table.add_column(column, justify="left" if column in ("method", "teacher", "student") else "right", no_wrap=column in ("method", "teacher", "student"))
-    for r in records:
+    for r in transfers:
         share = r.get("teacher_share")
+        cells = {
+            "method": r["method"], "teacher": str(r["teacher"]).removeprefix("zoo:"), "student": str(r["student"]).removeprefix("zoo:"), "seed": str(r.get("seed")),
+            "teacher acc": _fmt(r["teacher_acc"]), "student acc": _fmt(r["acc_before"]), "Δ": _delta(r["delta"], r.get("p_value")), "p": _p(r.get("p_value")),
+            "vs ce": _delta(r.get("delta_vs_control"), r.get("p_value_vs_control")), "vs self": _delta(r.get("delta_vs_self"), r.get("p_value_vs_self")),
+            "gain": _fmt(r["knowledge_gain"]), "loss": _fmt(r["knowledge_loss"]), "share": _fmt(share, ".0%") if share is not None else "–",
+        }
+        table.add_row(*[cells[c] for c in columns])
+    tests = len(transfers)
+    if tests:
+        below = sum(1 for r in transfers if r.get("p_value") is not None and r["p_value"] < ALPHA)
+        table.caption = f"{below} of {tests} Δs have p < {ALPHA}; about {ALPHA * tests:.1f} would by chance alone if no transfer changed anything."
+    return table
+
+
+def controls_table(summary: dict[str, dict], n_eval: int) -> Table:
+    table = Table(title=f"Controls, no teacher (Δ in points on {n_eval:,} images): ce = fine-tuning on the labels, self = KL+DP toward the original student only")
+    for column in ("control", "students", "mean Δ", "min Δ", "max Δ", f"p < {ALPHA}: Δ > 0", f"p < {ALPHA}: Δ < 0", "by student"):
+        table.add_column(column, justify="left" if column in ("control", "by student") else "right", no_wrap=column == "control")
+    for kind, s in summary.items():
+        by_student = ", ".join(f"{str(name).removeprefix('zoo:')} {delta:+.2f}" for name, delta in s["by_student"].items())
         table.add_row(
-            r["method"], str(r["teacher"]).removeprefix("zoo:"), str(r["student"]).removeprefix("zoo:"),
-            _fmt(r["teacher_acc"]), _fmt(r["acc_before"]), _fmt(r["delta"], "+.2f"), _fmt(r["knowledge_gain"]), _fmt(r["knowledge_loss"]),
-            _fmt(share, ".0%") if share is not None else "–",
+            kind, str(s["students"]), _with_std(s["mean_delta"], s.get("mean_delta_std_over_seeds")), _fmt(s["min_delta"], "+.2f"), _fmt(s["max_delta"], "+.2f"),
+            str(s["significant_positive"]), str(s["significant_negative"]), by_student,
         )
     return table
 
 
-def summary_table(summary: dict[str, dict], n_eval: int) -> Table:
-    table = Table(title=f"Per method (Δ in points of accuracy on {n_eval:,} images)")
-    for column in ("method", "pairs", "success rate", "mean Δ", "mean Δ, weaker teacher", "mean Δ, stronger teacher", "mean gain", "mean loss"):
+def _with_std(mean, std) -> str:
+    return _fmt(mean, "+.2f") + (f" ± {std:.2f}" if std is not None else "")
+
+
+def summary_table(summary: dict[str, dict], n_eval: int, with_controls: bool = False) -> Table:
+    table = Table(title=f"Per method (Δ in points of accuracy on {n_eval:,} images; success rate: per student the share of teachers with Δ > 0, median over students)")
+    columns = ["method", "pairs", "success rate", f"success, p < {ALPHA}", "mean Δ", "mean Δ, weaker teacher", "mean Δ, stronger teacher", "mean gain", "mean loss"]
+    if with_controls:
+        columns += ["beats ce", "beats self"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for method, s in summary.items():
-        table.add_row(
-            method, str(s["pairs"]), f"{_fmt(s['success_rate'], '.1f')}% ({s['positive']}/{s['pairs']})", _fmt(s["mean_delta"], "+.2f"),
+        cells = [
+            method, str(s["pairs"]), f"{_fmt(s['success_rate'], '.0f')}% ({s['positive']}/{s['pairs']} Δ > 0)",
+            f"{_fmt(s['success_rate_significant'], '.0f')}% ({s['significant_positive']}, chance ≈ {s['expected_by_chance'] / 2:.1f})",
+            _with_std(s["mean_delta"], s.get("mean_delta_std_over_seeds")),
             f"{_fmt(s['mean_delta_weaker_teacher'], '+.2f')} ({s['weaker_negative']}/{s['weaker_pairs']} < 0)", _fmt(s["mean_delta_stronger_teacher"], "+.2f"),
             _fmt(s["mean_knowledge_gain"]), _fmt(s["mean_knowledge_loss"]),
-        )
+        ]
+        if with_controls:
+            for name in ("control", "self"):
+                compared = s[f"compared_with_{name}"]
+                cells.append(f"{s[f'beats_{name}']}/{compared} ({s[f'beats_{name}_significantly']}*), {_fmt(s[f'mean_delta_vs_{name}'], '+.2f')}" if compared else "–")
+        table.add_row(*cells)
+    table.caption = (
+        f"success, p < {ALPHA}: counting only Δ > 0 with McNemar p < {ALPHA} (in brackets the number of such pairs, and how many one-sided chance "
+        f"alone gives); beats ce / self: pairs above the control (* with p < {ALPHA}), then the mean difference"
+    )
     return table

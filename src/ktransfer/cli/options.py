@@ -31,3 +31,14 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
             raise ConfigError(f"--param takes KEY=VALUE; got {pair!r}")
         params[key.strip()] = value.strip()
     return params
+
+
+def parse_seeds(value: str | None) -> list[int] | None:
+    """``0,1,2`` into ``[0, 1, 2]``; a clear error for anything that is not a list of integers."""
+    items = split_list(value)
+    if items is None:
+        return None
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise ConfigError(f"seeds must be comma-separated integers such as 0,1,2; got {value!r}") from None

@@ -14,8 +14,9 @@ from .options import data_dir_option
 @click.option("--status", "show_status", is_flag=True, help="Only show how many runs are done, failed, interrupted and still to do, and the errors of the failed ones.")
 @click.option("--retry-failed", is_flag=True, help="Run the failed runs again (by default they stay recorded as failed and are skipped).")
 @click.option("--device", default=None, help="Torch device for the runs, e.g. cuda (default: the config's, else cpu).")
+@click.option("--no-controls", is_flag=True, help="Skip the ce and self controls (by default each runs once per student, learning rate and seed; the config's 'controls' key chooses them).")
 @data_dir_option
-def study_command(config, out, show_status, retry_failed, device, data_dir):
+def study_command(config, out, show_status, retry_failed, device, no_controls, data_dir):
     """Run a study: every student × teacher × method × seed of CONFIG, stored run by run.
 
     CONFIG is a YAML (or JSON) file, or a study folder (it keeps a copy of its config). Each
@@ -31,6 +32,8 @@ def study_command(config, out, show_status, retry_failed, device, data_dir):
     from ..study import Study
 
     study = Study.open(config, out, data_dir=data_dir)
+    if no_controls:
+        study.config.controls = []
     console = Console(highlight=False)
     if show_status:
         print_status(console, study.status())

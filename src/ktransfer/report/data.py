@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..analysis import ComplementarityAnalysis
 from ..errors import DataError
-from ..metrics import success_rate
+from ..results import is_control, pair_means, success_by_student
 
 
 def short(spec) -> str:
@@ -32,6 +32,7 @@ def is_number(value) -> bool:
 class ReportData:
     title: str
     records: list[dict]  # single-teacher runs
+    controls: list[dict] = field(default_factory=list)  # ce and self runs (no teacher)
     multi_teacher: list[dict] = field(default_factory=list)  # runs with a ``strategy``
     zoo: list[dict] = field(default_factory=list)
     analysis: ComplementarityAnalysis | None = None
@@ -71,7 +72,8 @@ def load(folder: str | Path) -> ReportData:
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; give the folder of a study or of 'ktransfer demo'")
     records = load_records(folder)
-    single = [r for r in records if "strategy" not in r and _usable(r) and "teacher" in r and "method" in r]
+    single = [r for r in records if "strategy" not in r and not is_control(r) and _usable(r) and "teacher" in r and "method" in r]
+    controls = [r for r in records if is_control(r) and _usable(r)]
     multi = [r for r in records if "strategy" in r]
     if not single and not multi:
         raise DataError(f"{folder} has no finished transfer runs yet; run the study or demo first")
@@ -79,7 +81,7 @@ def load(folder: str | Path) -> ReportData:
     analysis = ComplementarityAnalysis.load(folder / "complementarity.json") if (folder / "complementarity.json").exists() else None
     search = _read_json(folder / "search.json") if (folder / "search.json").exists() else None
     title = next((r["study"] for r in records if r.get("study")), None) or folder.resolve().name
-    return ReportData(title, single, multi, zoo if isinstance(zoo, list) else [], analysis, search, failed_runs(folder))
+    return ReportData(title, single, controls, multi, zoo if isinstance(zoo, list) else [], analysis, search, failed_runs(folder))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -89,25 +91,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def pair_deltas(records: list[dict]) -> dict[tuple[str, str, str], float]:
-    """Mean Δ per (method, student, teacher), over seeds: a pair counts once in a success rate."""
-    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for r in records:
-        groups[(r["method"], r["student"], r["teacher"])].append(r["delta"])
-    return {key: statistics.fmean(values) for key, values in groups.items()}
-
-
 def success_rates(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per method, per student: the share (percent) of its teachers with Δ > 0 (SPEC §2)."""
-    by_student: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (method, student, _teacher), delta in pair_deltas(records).items():
-        by_student[method][student].append(delta)
-    return {method: {student: success_rate(deltas) for student, deltas in students.items()} for method, students in by_student.items()}
+    """Per method, per student: the share (percent) of its teachers with Δ > 0 (SPEC §2), as every summary counts it."""
+    return success_by_student(records)
 
 
 def success_summary(data: ReportData) -> list[dict]:
     rates = success_rates(data.records)
-    deltas = pair_deltas(data.records)
+    deltas = pair_means(data.records)
     rows = []
     for method in data.methods:
         per_student = list(rates.get(method, {}).values())

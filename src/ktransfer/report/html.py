@@ -58,6 +58,42 @@ def success_table(data: ReportData) -> str:
     )
 
 
+def significance_table(data: ReportData) -> str:
+    """Per method: significance of the Δs and how the transfers compare with the controls of the same setting."""
+    from ..results import ALPHA, summarize
+
+    rows = []
+    for method, m in summarize(data.records).items():
+        versus = [
+            f"{m[f'beats_{name}']}/{m[f'compared_with_{name}']} ({m[f'beats_{name}_significantly']}), {_signed(m[f'mean_delta_vs_{name}'])}" if m[f"compared_with_{name}"] else "–"
+            for name in ("control", "self")
+        ]
+        rows.append([
+            html.escape(method), str(m["pairs"]), _fmt(m["success_rate_significant"], ".1f"), str(m["significant_positive"]), str(m["significant_negative"]),
+            _fmt(m["expected_by_chance"], ".1f"), str(m["fdr_discoveries"]), *versus,
+        ])
+    return table(
+        f"Significance (exact McNemar test on the evaluation images, p < {ALPHA}) and the controls: 'beats ce/self' counts runs whose accuracy is above the "
+        f"control's of the same student and setting (in brackets with p < {ALPHA}), then the mean difference",
+        ["method", "runs", "median success % (p < 0.05)", "Δ > 0, p < 0.05", "Δ < 0, p < 0.05", "expected by chance", "BH discoveries (FDR 5%)", "beats ce", "beats self"],
+        rows, table_id="significance-table",
+    )
+
+
+def controls_table(data: ReportData) -> str:
+    from ..results import summarize_controls
+
+    rows = [
+        [html.escape(kind), str(c["students"]), str(c["runs"]), _signed(c["mean_delta"]), _signed(c["min_delta"]), _signed(c["max_delta"]),
+         str(c["significant_positive"]), str(c["significant_negative"]), html.escape(", ".join(f"{short(k)} {v:+.2f}" for k, v in c["by_student"].items()))]
+        for kind, c in summarize_controls(data.controls).items()
+    ]
+    return table(
+        "Controls without a teacher: ce fine-tunes on the labels, self is KL+DP toward the original student only. A transfer's gain counts beyond these.",
+        ["control", "students", "runs", "mean Δ", "min Δ", "max Δ", "Δ > 0, p < 0.05", "Δ < 0, p < 0.05", "Δ by student"], rows, text_columns=1, table_id="controls-table",
+    )
+
+
 def student_table(data: ReportData) -> str:
     headers = ["student", "accuracy before %"]
     for method in data.methods:
@@ -152,7 +188,10 @@ def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
         return image(png, title) + f'<p class="note">Also saved as {html.escape(name)}.png beside this page.</p>'
 
     if data.records:
-        add("success", "Success rate per method", fig("success_rate"), success_table(data))
+        add("success", "Success rate per method", fig("success_rate"), success_table(data), significance_table(data))
+    if data.controls:
+        add("controls", "Controls", controls_table(data))
+    if data.records:
         add("students", "Per student", student_table(data))
         add("gain-loss", "Knowledge gain against knowledge loss", '<p class="note">One marker per run; above the diagonal the student gained more than it lost (Δ > 0).</p>', fig("gain_vs_loss"))
         add("gap", "Δ against the accuracy gap", '<p class="note">Points: runs. Lines: per bin of the gap, the mean of the bin\'s best 25% of runs.</p>', fig("delta_vs_gap"))

@@ -1,0 +1,81 @@
+"""Summaries of results: the paper's per-student success rate, controls kept apart, comparisons with controls."""
+
+import pytest
+import torch
+
+from ktransfer.controls import attach_controls, as_control_record, control_method
+from ktransfer.results import summarize, summarize_controls, success_by_student
+
+
+def transfer_record(student, teacher, delta, p_value=0.5, seed=0, **extra):
+    return {
+        "student": student, "teacher": teacher, "method": "kl", "delta": delta, "p_value": p_value, "seed": seed,
+        "acc_before": 80.0, "acc_after": 80.0 + delta, "teacher_acc": 85.0 if delta > 0 else 75.0,
+        "knowledge_gain": max(delta, 0), "knowledge_loss": max(-delta, 0), **extra,
+    }
+
+
+def test_success_rate_is_the_median_over_students_of_each_students_share_of_teachers():
+    records = [
+        transfer_record("A", "t1", 1.0), transfer_record("A", "t2", -1.0), transfer_record("A", "t3", 0.5),  # 2/3
+        transfer_record("B", "t1", -0.2), transfer_record("B", "t2", -0.1), transfer_record("B", "t3", 0.3),  # 1/3
+        transfer_record("C", "t1", 0.4),  # 1/1
+    ]
+    summary = summarize(records)["kl"]
+    # median of 66.7, 33.3 and 100 is 66.7; pooling the pairs would give 4/7 = 57.1
+    assert summary["success_rate"] == pytest.approx(200 / 3)
+    assert summary["success_by_student"] == pytest.approx({"A": 200 / 3, "B": 100 / 3, "C": 100.0})
+    assert summary["positive"] == 4 and summary["pairs"] == 7
+
+
+def test_significant_success_counts_only_significant_positive_deltas_and_chance_is_stated():
+    records = [
+        transfer_record("A", "t1", 1.0, p_value=0.01), transfer_record("A", "t2", 0.2, p_value=0.4),
+        transfer_record("B", "t1", 0.9, p_value=0.001), transfer_record("B", "t2", -2.0, p_value=0.0),
+    ]
+    summary = summarize(records)["kl"]
+    assert summary["success_rate_significant"] == 50.0  # A: 1/2, B: 1/2
+    assert summary["significant_positive"] == 2 and summary["significant_negative"] == 1
+    assert summary["expected_by_chance"] == pytest.approx(0.05 * 4)
+    # a p-value of exactly 0 is significant, not "missing"
+    assert success_by_student([transfer_record("A", "t", 1.0, p_value=0.0)], significant=True) == {"kl": {"A": 100.0}}
+
+
+def test_seeds_average_within_a_pair_and_give_a_spread_of_the_mean():
+    records = [transfer_record("A", "t1", 1.0, seed=0), transfer_record("A", "t1", -0.4, seed=1), transfer_record("A", "t2", 0.2, seed=0), transfer_record("A", "t2", 0.6, seed=1)]
+    summary = summarize(records)["kl"]
+    assert summary["seeds"] == 2 and summary["success_rate"] == 100.0  # t1 mean +0.3, t2 mean +0.4
+    # seed 0 mean 0.6, seed 1 mean 0.1: sample standard deviation 0.3536
+    assert summary["mean_delta_std_over_seeds"] == pytest.approx(0.5 / 2**0.5)
+
+
+def test_controls_stay_out_of_method_summaries_and_get_their_own():
+    control = as_control_record(transfer_record("A", "A", -0.3, p_value=0.2), "ce")
+    assert control["teacher"] is None and control["teacher_acc"] is None and control["control"] is True
+    records = [transfer_record("A", "t1", 0.5), control]
+    assert set(summarize(records)) == {"kl"} and summarize(records)["kl"]["pairs"] == 1
+    controls = summarize_controls(records)
+    assert set(controls) == {"ce"} and controls["ce"]["mean_delta"] == pytest.approx(-0.3) and controls["ce"]["by_student"] == {"A": pytest.approx(-0.3)}
+
+
+def test_attach_controls_compares_each_transfer_with_the_control_of_its_own_setting():
+    labels = torch.zeros(6, dtype=torch.long)
+    common = {"epochs": 3, "lr": 0.01, "batch_size": 128, "seed": 0, "transfer_data": "T", "eval_data": "E", "augment": "none"}
+    ce = as_control_record({**transfer_record("A", "A", 0.0), **common, "acc_after": 50.0}, "ce")
+    other_lr = as_control_record({**transfer_record("A", "A", 0.0), **common, "lr": 0.1, "acc_after": 0.0}, "ce")
+    transfer = {**transfer_record("A", "t1", 2.0), **common, "acc_after": 100 * 5 / 6}
+    predictions = {id(ce): torch.tensor([0, 0, 0, 1, 1, 1]), id(other_lr): torch.ones(6, dtype=torch.long), id(transfer): torch.tensor([0, 0, 0, 0, 0, 1])}
+    attach_controls([ce, other_lr, transfer], predictions, labels)
+    # only the control at the transfer's own learning rate counts; no self control ran, so no self fields
+    assert transfer["delta_vs_control"] == pytest.approx(100 * 2 / 6)
+    assert (transfer["gain_count_vs_control"], transfer["loss_count_vs_control"]) == (2, 0)
+    assert transfer["p_value_vs_control"] == pytest.approx(0.5)  # 2 discordant, both one way: 2 · 1/4
+    assert "delta_vs_self" not in transfer and "delta_vs_control" not in ce
+
+
+def test_control_methods_are_fine_tuning_and_self_distillation():
+    assert control_method("ce").name == "ce"
+    own = control_method("self")
+    assert own.name == "kl_dp" and own.params.routing == "self"
+    with pytest.raises(ValueError, match="unknown control"):
+        control_method("teacher")
