@@ -1,0 +1,5 @@
+"""``python -m ktransfer``: the same command as ``ktransfer`` (for launchers such as ``torchrun -m``)."""
+
+from .cli import main
+
+main()
