@@ -44,6 +44,20 @@ def test_transfer_writes_record_and_student(small_fashion_mnist, tiny_zoo, tmp_p
     assert list(out.glob("*.safetensors"))
 
 
+def test_transfer_with_the_papers_augmentation_on_fashion_mnist(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "run"
+    result = run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl_dp", "--epochs", "1", "--lr", "1e-3", "--augment", "paper", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert record["augment"] == "paper" and record["targets"] == "online"  # online: cached is not exact with augmentation
+    assert 0 <= record["p_value"] <= 1 and record["gain_count"] - record["loss_count"] == round(record["delta"] * record["n_eval"] / 100)
+    assert "(p " in result.output and "augmented" in result.output
+    one_line_error(
+        run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--augment", "paper", "--targets", "cached", "--out", out, "--data-dir", small_fashion_mnist),
+        "--targets: cached teacher outputs are of the un-augmented images",
+    )
+
+
 def test_transfer_bad_input(small_fashion_mnist, tiny_zoo, tmp_path):
     base = ["transfer", "--out", tmp_path / "x", "--data-dir", small_fashion_mnist]
     one_line_error(run(*base, "--student", "zoo:cnn", "--teacher", "zoo:nope"), "unknown zoo model 'nope'")

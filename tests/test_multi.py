@@ -250,6 +250,21 @@ def test_soup_strategy_reuses_finished_ingredients(tiny_data, models):
         transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl", strategy="soup", reuse=[finished], epochs=1, lr=0.05)
     with pytest.raises(ConfigError, match="not among the teachers"):
         transfer_multi(student, [weak], transfer_set, eval_set, "kl", strategy="soup", reuse=[finished], **settings)
+    with pytest.raises(ConfigError, match="augment='none' but this soup uses 'paper'"):
+        transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl", strategy="soup", reuse=[finished], augment="paper", **settings)
+    older = ktransfer.TransferResult(finished.student, {k: v for k, v in finished.metrics.items() if k != "augment"})
+    assert transfer_multi(student, [strong], transfer_set, eval_set, "kl", strategy="soup", reuse=[older], **settings).metrics["reused_ingredients"] == 1  # records from before augmentation existed
+
+
+def test_several_teachers_with_augmentation(tiny_data, models):
+    transfer_set, eval_set = tiny_data
+    student, strong, weak = models
+    result = transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl_dp", strategy="sequential", epochs=1, lr=0.02, augment="paper")
+    m = result.metrics
+    assert m["augment"] == "paper" and m["targets"] == "online"
+    assert all(stage["augment"] == "paper" and stage["targets"] == "online" for stage in m["stages"])
+    with pytest.raises(ConfigError, match="targets: cached"):
+        transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl_dp", strategy="parallel", augment="paper", targets="cached")
 
 
 # ---------------------------------------------------------------- batch-norm recalibration

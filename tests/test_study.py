@@ -65,6 +65,8 @@ def db_rows(folder, phase="study"):
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "cached or online"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
+        ({"augment": "heavy"}, "augment: must be none or paper; got 'heavy'"),
+        ({"augment": "paper", "targets": "cached"}, "targets: cached teacher outputs are of the un-augmented images"),
     ],
 )
 def test_config_errors_say_what_to_fix(tmp_path, change, message):
@@ -93,6 +95,18 @@ seeds: [0, 1]
     assert len(settings) == 4 and {s["lr"] for s in settings} == {1e-3, 1e-2}
     assert config.settings(config.method("kl")) == [{"lr": 1e-4, "params": {}}]  # the paper's default lr
     assert len(config.search_pairs()) == 3 and set(config.search_pairs()) <= set(config.pairs())
+
+
+def test_augment_key_sets_the_target_default_and_keeps_old_run_keys(tmp_path):
+    plain = StudyConfig.from_dict(config_dict(tmp_path))
+    assert plain.augment == "none" and plain.targets == "cached" and "augment" not in plain.to_dict()
+    run = Study(plain, tmp_path / "s").study_plan({})[0]
+    assert "augment" not in run.config()  # keys of studies stored before augmentation existed stay the same
+    augmented = StudyConfig.from_dict(config_dict(tmp_path, augment="paper"))
+    assert augmented.augment == "paper" and augmented.targets == "online"  # cached would not be exact
+    assert StudyConfig.from_dict(augmented.to_dict()).augment == "paper"
+    augmented_run = Study(augmented, tmp_path / "s").study_plan({})[0]
+    assert augmented_run.config()["augment"] == "paper" and augmented_run.key != run.key and "augment paper" in augmented_run.describe()
 
 
 def test_stratified_split_keeps_class_shares():
@@ -154,6 +168,14 @@ def test_controls_run_once_per_student_and_setting_and_every_transfer_is_compare
     assert sorted(frame["control"].tolist()) == [False] * 2 + [True] * 4
     # --no-controls (controls: []) plans no control run
     assert not any(run.control for run in make_study(tmp_path / "none", small_fashion_mnist).study_plan({}))
+
+
+def test_augmented_study_runs(small_fashion_mnist, tiny_zoo, tmp_path):
+    study = make_study(tmp_path, small_fashion_mnist, methods=["kl_dp"], augment="paper")
+    assert study.run(log=lambda line: None)["phases"]["study"]["done"] == 2
+    for record in load_records(study.folder):
+        assert record["augment"] == "paper" and record["targets"] == "online" and 0 <= record["p_value"] <= 1
+    assert "augment: paper" in (study.folder / "study.yaml").read_text()
 
 
 def test_a_failing_run_is_recorded_and_the_study_goes_on(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):

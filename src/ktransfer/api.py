@@ -21,9 +21,7 @@ from .methods import create_method
 from .methods.base import Method
 from .models.base import Model, as_model
 from .predictions import PredictionCache
-from .targets import CachedTargets, OnlineTargets
-
-TARGET_MODES = ("cached", "online")
+from .targets import CachedTargets, OnlineTargets, resolve_targets
 
 
 class ModuleState:
@@ -130,7 +128,8 @@ def transfer(
     seed: int = 0,
     weight_decay: float = 1e-3,
     momentum: float = 0.9,
-    targets: str = "cached",
+    targets: str | None = None,
+    augment: str = "none",
     device: str = "cpu",
     cache: PredictionCache | None = None,
     class_names: Sequence[str] | None = None,
@@ -148,6 +147,13 @@ def transfer(
     method's hyperparameters (``ktransfer methods`` lists them). ``eval_references`` maps a name
     to another student's predictions on ``eval_data``: every epoch is also scored against it
     (history keys ``delta_vs_NAME``, ``knowledge_gain_vs_NAME``, ...).
+
+    ``augment``: ``"none"`` or ``"paper"`` (the paper's flip and colour distortion; flip and
+    shift on one-channel images): teacher, original student and student see the same augmented
+    view of each batch (``ktransfer.augment``). ``targets``: ``"cached"`` (the frozen models'
+    outputs computed once) or ``"online"`` (computed per batch); left out, it is cached where
+    that is exact, i.e. without augmentation, and online with it. Cached with augmentation is
+    refused. The record says which was used.
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
@@ -160,12 +166,11 @@ def transfer(
         raise ConfigError("pass hyperparameters either to create_method or to transfer, not both")
     if len(teachers) > 1 and not method.supports_multiple_teachers:
         raise ConfigError(f"method {method.name} takes one teacher; for several teachers in one run use a DP method (kl_dp)")
-    if targets not in TARGET_MODES:
-        raise ConfigError(f"targets must be one of {', '.join(TARGET_MODES)}; got {targets!r}")
+    targets = resolve_targets(targets, augment)
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
     check_compatible(student_model, teachers, transfer_set, eval_set)
-    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device)
+    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment)
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
 
@@ -189,7 +194,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     if targets == "cached" and not method.needs_features:
         source = CachedTargets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, cache, device)
     else:
-        source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features)
+        source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
     engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch)
     history = engine.run()
@@ -213,6 +218,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "weight_decay": config.weight_decay,
         "seed": config.seed,
         "targets": "online" if isinstance(source, OnlineTargets) else "cached",  # feature methods always run online
+        "augment": config.augment,
         "hparams": method.describe(),
         "n_transfer": len(transfer_set),
         "transfer_data": transfer_set.name,

@@ -142,9 +142,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     # Controls first, so each transfer's comparison with them is known the moment it finishes.
     runs = [(seed, s, None, c) for seed in options.seeds for s in options.students for c in (CONTROLS if options.controls else ())]
     runs += [(seed, s, t, m) for seed in options.seeds for s, t in pairs for m in options.methods]
-    settings = {"epochs": options.epochs, "lr": options.lr, "batch_size": options.batch_size, "device": options.device, "cache": cache}
-    if options.augment != "none":
-        settings["augment"] = options.augment
+    settings = {"epochs": options.epochs, "lr": options.lr, "batch_size": options.batch_size, "device": options.device, "augment": options.augment, "cache": cache}
     records, predictions = [], {}
     reused = 0
     transfer_started = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .augment import Augmentation, check_augment
 from .data.base import ImageData
 from .errors import ConfigError, TrainingError
 from .methods.base import Method, StepInputs
@@ -40,6 +41,7 @@ class TrainConfig:
     # With amp, also run the frozen models (teachers, original student) under autocast. Off by
     # default: their outputs are targets, and DP routes on them, so they stay float32.
     amp_frozen: bool = False
+    augment: str = "none"  # "paper": every model sees the same augmented view of each batch (ktransfer.augment)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -54,6 +56,7 @@ class TrainConfig:
             raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        check_augment(self.augment)
         check_device(self.device)
 
     def lr_at(self, step: int, total_steps: int) -> float:
@@ -137,6 +140,12 @@ class Engine:
             raise ConfigError(f"method {method.name} needs a teacher; none was given")
         self.student, self.method, self.data, self.config = student, method, data, config
         self.targets, self.evaluator = targets, evaluator
+        # With augmentation, the student trains on views framed at its own input size; the
+        # frozen models (in the target source) get the same views.
+        self.augmentation = Augmentation(config.seed) if config.augment != "none" else None
+        self.trained_model = student.for_views() if self.augmentation is not None else student
+        if self.augmentation is not None:
+            self._check_augmentable()
         self.fixed = None
         if isinstance(targets, CachedTargets):
             labels = data.labels.to(config.device)
@@ -151,6 +160,29 @@ class Engine:
         )
         self.state = TrainState(optimizer, torch.Generator().manual_seed(config.seed))
 
+    def _check_augmentable(self) -> None:
+        """Augmentation needs online targets that take views, and 1- or 3-channel images: checked before any training."""
+        if isinstance(self.targets, CachedTargets):
+            raise ConfigError(f"augment={self.config.augment!r}: cached targets are of the un-augmented images; give the engine OnlineTargets(..., views=True)")
+        if self.targets is not None and not self.targets.takes_views:
+            raise ConfigError(f"augment={self.config.augment!r}: the target source must take augmented views; build it as OnlineTargets(..., views=True)")
+        if len(self.data) == 0:
+            return
+        _, images, _ = next(iter(self.data.batches(torch.arange(1), 1)))
+        frame = self.student.preprocess.frame(images)
+        self.augmentation.sample(torch.zeros(1, dtype=torch.long), 0, frame.shape)  # checks the channels
+        if frame.shape[1] == 3 and (frame.min() < 0 or frame.max() > 1):
+            raise ConfigError(
+                f"augment={self.config.augment!r} distorts colours of images in [0, 1] (uint8, or float scaled to [0, 1]); "
+                f"these reach {float(frame.min()):.3g}..{float(frame.max()):.3g}: pass them unnormalised and give the model its normalisation in ktransfer.Preprocess"
+            )
+
+    def _views(self, images: torch.Tensor, index: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        """The batch as every model of the step sees it: raw images, or the student's frame augmented."""
+        if self.augmentation is None:
+            return images
+        return self.augmentation(self.student.preprocess.frame(images), index, epoch)
+
     @torch.no_grad()
     def _probe_feature_dims(self) -> tuple[int, int]:
         """Feature widths of the student and the first teacher, from one eval-mode forward of two samples (changes no state)."""
@@ -159,8 +191,8 @@ class Engine:
         module.eval()
         try:
             index, images, _ = next(iter(self.data.batches(torch.arange(min(2, len(self.data))), 2)))
-            images = images.to(self.config.device)
-            student_features, _ = self.student.features_and_logits(images)
+            images = self._views(images.to(self.config.device), index)
+            student_features, _ = self.trained_model.features_and_logits(images)
             teacher_features = self.targets.get(index, images).teacher_features
         finally:
             module.train(was_training)
@@ -182,17 +214,20 @@ class Engine:
         check_every = 1 if device_type == "cpu" else 32
         loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
         for index, images, labels in self.data.batches(order, config.batch_size):
+            # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment).
+            sample_index = index
             # One copy of the batch's sample indices on the device serves the cached targets, the
             # precomputed targets and the method (CRD's memory), instead of one copy each.
             index = index.to(config.device, non_blocking=True)
             images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
+            images = self._views(images, sample_index, state.epoch)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp and config.amp_frozen):
                 batch = self.targets.get(index, images) if self.targets is not None else None
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp):
                 if method.needs_features:
-                    features, logits = self.student.features_and_logits(images)
+                    features, logits = self.trained_model.features_and_logits(images)
                 else:
-                    features, logits = None, self.student.logits(images)
+                    features, logits = None, self.trained_model.logits(images)
                 inputs = StepInputs(
                     student_logits=logits.float(),
                     labels=labels,

@@ -34,11 +34,14 @@ from .methods.base import Method
 from .metrics import accuracy, transfer_metrics
 from .models.base import Model, as_model
 from .predictions import PredictionCache, compute_logits
+from .targets import resolve_targets
 
 STRATEGIES = ("parallel", "sequential", "soup")
 ORDERS = ("ascending", "descending", "given")
 # Settings that must agree before a finished single-teacher result can serve as a soup ingredient.
-REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "transfer_data", "eval_data")
+REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "augment", "transfer_data", "eval_data")
+# Settings that records written before they existed lack, with the value those runs had.
+SETTING_DEFAULTS = {"augment": "none"}
 # Per-epoch numbers a sequential stage reports against its own start; the combined history prefixes them with ``stage_``.
 STAGE_KEYS = ("acc_before", "delta", "knowledge_gain", "knowledge_loss")
 
@@ -236,8 +239,8 @@ def _record(run: _Run, strategy: str, base: dict, after: torch.Tensor, started: 
     }
     record.update(_outcome(run, after))
     record["teacher_share"] = None
-    for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "targets", "hparams", "n_transfer", "transfer_data", "eval_data"):
-        record[key] = base[key]
+    for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "targets", "augment", "hparams", "n_transfer", "transfer_data", "eval_data"):
+        record[key] = base[key] if key in base else SETTING_DEFAULTS[key]
     record.update(seconds=time.perf_counter() - started, version=__version__, history=[])
     record.update(fields)
     return record
@@ -357,8 +360,9 @@ def _match_reuse(run: _Run, reuse: Iterable[TransferResult] | None, settings_rec
         for key in REUSE_SETTINGS:
             if key == "teacher":
                 continue
-            if record.get(key) != settings_record.get(key):
-                raise ConfigError(f"the result to reuse for teacher {teacher} has {key}={record.get(key)!r} but this soup uses {settings_record.get(key)!r}; reuse only results made with the same settings")
+            value = record.get(key, SETTING_DEFAULTS.get(key))
+            if value != settings_record.get(key):
+                raise ConfigError(f"the result to reuse for teacher {teacher} has {key}={value!r} but this soup uses {settings_record.get(key)!r}; reuse only results made with the same settings")
         if record.get("strategy") is not None:
             raise ConfigError(f"the result to reuse for teacher {teacher} is itself a {record['strategy']} result; soup ingredients are single-teacher transfers")
         matched[teacher] = result
@@ -378,6 +382,7 @@ def _soup_settings(run: _Run) -> dict:
         "momentum": settings["momentum"],
         "weight_decay": settings["weight_decay"],
         "seed": settings["seed"],
+        "augment": settings["augment"],
         "transfer_data": run.transfer_set.name,
         "eval_data": run.eval_set.name,
     }
@@ -436,7 +441,8 @@ def transfer_multi(
     seed: int = 0,
     weight_decay: float = 1e-3,
     momentum: float = 0.9,
-    targets: str = "cached",
+    targets: str | None = None,
+    augment: str = "none",
     device: str = "cpu",
     cache: PredictionCache | None = None,
     class_names: Sequence[str] | None = None,
@@ -464,13 +470,14 @@ def transfer_multi(
         raise ConfigError(f"reuse applies to the soup strategy only (strategy is {strategy})")
     if not isinstance(epochs, int) and strategy != "sequential":
         raise ConfigError("one epoch budget per teacher applies to the sequential strategy only; give a single number")
+    targets = resolve_targets(targets, augment)  # a bad combination fails before any stage runs
     if isinstance(method, str):
         method = create_method(method, **hparams)
     elif hparams:
         raise ConfigError("pass hyperparameters either to create_method or to transfer_multi, not both")
     if strategy == "parallel":
         check_parallel_method(method, len(teachers) if isinstance(teachers, (list, tuple)) else 1)
-    settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "device": device}
+    settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "augment": augment, "device": device}
     # The user's models go back to their devices and modes at the end, also on an error.
     with kept_as_given(student, *(teachers if isinstance(teachers, (list, tuple)) else [])):
         run = _prepare(student, teachers, transfer_data, eval_data, method, settings, cache, class_names, on_epoch)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .api import transfer
+from .augment import AUGMENTS
 from .analysis import analyze
 from .controls import CONTROLS, attach_controls, check_controls, is_control, load_predictions, run_control, save_predictions
 from .data.base import ImageData, stratified_split
@@ -41,6 +42,7 @@ from .models import load_model
 from .models.base import Model
 from .predictions import PredictionCache
 from .results import _clean
+from .targets import resolve_targets
 
 CONFIG_FILE = "study.yaml"
 DB_FILE = "study.db"
@@ -305,7 +307,7 @@ class SearchConfig:
         return {"pairs": self.pairs if isinstance(self.pairs, int) else [list(p) for p in self.pairs], "holdout": self.holdout, "seed": self.seed, "epochs": self.epochs}
 
 
-TOP_LEVEL_KEYS = {"name", "students", "teachers", "methods", "seeds", "epochs", "lr", "batch_size", "data", "search", "targets", "device", "controls"}
+TOP_LEVEL_KEYS = {"name", "students", "teachers", "methods", "seeds", "epochs", "lr", "batch_size", "data", "search", "targets", "augment", "device", "controls"}
 CONTROL_PREFIX = "control:"  # a control's method in the store, apart from a method a study may list (ce is one)
 
 
@@ -322,6 +324,7 @@ class StudyConfig:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     targets: str = "cached"
+    augment: str = "none"
     device: str = "cpu"
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
@@ -346,9 +349,13 @@ class StudyConfig:
         seeds = [_as_int(s, "seeds") for s in _as_list(raw.get("seeds", [0]), "seeds")]
         if not seeds:
             raise ConfigError(f"{source}: 'seeds' is empty; give at least one, e.g. [0]")
-        targets = _as_str(raw.get("targets", "cached"), "targets")
-        if targets not in ("cached", "online"):
+        augment = _as_str(raw.get("augment", "none"), "augment")
+        if augment not in AUGMENTS:
+            raise ConfigError(f"augment: must be {' or '.join(AUGMENTS)}; got {augment!r}")
+        targets = _as_str(raw["targets"], "targets") if raw.get("targets") is not None else None
+        if targets is not None and targets not in ("cached", "online"):
             raise ConfigError(f"targets: must be cached or online; got {targets!r}")
+        targets = resolve_targets(targets, augment)  # left out: cached, or online with augmentation
         lr = raw.get("lr")
         try:
             controls = check_controls(_as_str(c, "controls") for c in _as_list(raw.get("controls", list(CONTROLS)), "controls"))
@@ -366,6 +373,7 @@ class StudyConfig:
             data=DataConfig.parse(raw.get("data"), data_dir=data_dir),
             search=SearchConfig.parse(raw.get("search")),
             targets=targets,
+            augment=augment,
             device=_as_str(raw.get("device", "cpu"), "device"),
             controls=controls,
         )
@@ -402,6 +410,8 @@ class StudyConfig:
             "methods": [m.to_dict() for m in self.methods], "seeds": list(self.seeds), "epochs": self.epochs,
             "batch_size": self.batch_size, "data": data, "targets": self.targets, "device": self.device, "controls": list(self.controls),
         }
+        if self.augment != "none":
+            out["augment"] = self.augment
         if self.lr is not None:
             out["lr"] = self.lr
         if self.searched_methods():
@@ -451,17 +461,21 @@ class RunSpec:
     batch_size: int
     targets: str
     data_json: str
+    augment: str = "none"
 
     @property
     def params(self) -> dict:
         return json.loads(self.params_json)
 
     def config(self) -> dict:
-        return {
+        config = {
             "phase": self.phase, "student": self.student, "teacher": self.teacher, "method": self.method, "lr": self.lr,
             "params": self.params, "seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size,
             "targets": self.targets, "data": json.loads(self.data_json),
         }
+        if self.augment != "none":  # absent otherwise, so runs stored before augmentation existed keep their keys
+            config["augment"] = self.augment
+        return config
 
     @property
     def key(self) -> str:
@@ -476,7 +490,8 @@ class RunSpec:
         if self.control:
             return f"{self.control} control (lr {self.lr:g}, no teacher): {self.student}, seed {self.seed}"
         params = " ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.method} (lr {self.lr:g}{' ' + params if params else ''}): {self.teacher} → {self.student}, seed {self.seed}"
+        augmented = f", augment {self.augment}" if self.augment != "none" else ""
+        return f"{self.method} (lr {self.lr:g}{' ' + params if params else ''}): {self.teacher} → {self.student}, seed {self.seed}{augmented}"
 
 
 def setting_label(setting: dict) -> str:
@@ -647,7 +662,7 @@ class Study:
             epochs = self.config.search.epochs or epochs
         return RunSpec(
             phase, student, teacher, method, float(setting["lr"]), json.dumps(setting["params"], sort_keys=True), seed, epochs,
-            self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True),
+            self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True), self.config.augment,
         )
 
     def search_plan(self) -> dict[str, list[tuple[dict, list[RunSpec]]]]:
@@ -781,7 +796,7 @@ class Study:
             todo.append(run)
         for number, run in enumerate(todo, 1):
             store.mark_running(run.key)
-            settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, device=device, cache=cache)
+            settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, augment=run.augment, device=device, cache=cache)
             try:
                 if run.control:
                     result = run_control(run.control, models[run.student], data.transfer, data.eval, **settings)

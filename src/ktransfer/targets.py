@@ -2,7 +2,8 @@
 
 ``CachedTargets`` reads them from logits computed once over the transfer set; ``OnlineTargets``
 runs the frozen models on each batch. With the same data and no augmentation both give the
-same numbers.
+same numbers. With augmentation only online targets are exact: cached logits are of the
+un-augmented images (see :func:`resolve_targets`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .augment import check_augment
 from .data.base import ImageData
+from .errors import ConfigError
 from .models.base import Model
 from .predictions import PredictionCache
+
+TARGET_MODES = ("cached", "online")
+
+
+def resolve_targets(targets: str | None, augment: str = "none", where: str = "targets") -> str:
+    """The target mode a run uses: ``targets`` as given, or, when not given, cached where that is exact.
+
+    Cached targets are the frozen models' outputs on the un-augmented images, so with
+    augmentation the default is online, and an explicit ``cached`` is refused.
+    """
+    check_augment(augment)
+    if targets is None:
+        return "cached" if augment == "none" else "online"
+    if targets not in TARGET_MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(TARGET_MODES)}; got {targets!r}")
+    if targets == "cached" and augment != "none":
+        raise ConfigError(
+            f"{where}: cached teacher outputs are of the un-augmented images, not of the views augment={augment!r} trains on; "
+            f"use online targets (the default with augmentation) or augment none"
+        )
+    return targets
 
 
 @dataclass
@@ -24,6 +48,9 @@ class BatchTargets:
 
 
 class TargetSource:
+    # True when get() takes augmented views framed for the student (its models use Model.for_views).
+    takes_views: bool = False
+
     def get(self, indices: torch.Tensor, images: torch.Tensor) -> BatchTargets:
         raise NotImplementedError
 
@@ -42,8 +69,13 @@ class CachedTargets(TargetSource):
 
 
 class OnlineTargets(TargetSource):
-    def __init__(self, teachers: list[Model], original: Model | None, with_features: bool = False):
-        self.teachers, self.original, self.with_features = teachers, original, with_features
+    """Runs the frozen models on each batch. ``views=True``: batches are augmented views framed for the student."""
+
+    def __init__(self, teachers: list[Model], original: Model | None, with_features: bool = False, views: bool = False):
+        if views:
+            teachers = [teacher.for_views() for teacher in teachers]
+            original = original.for_views() if original is not None else None
+        self.teachers, self.original, self.with_features, self.takes_views = teachers, original, with_features, views
         for model in [*teachers, original]:
             if model is not None:
                 model.module.eval()

@@ -22,12 +22,13 @@ from .options import data_dir_option, parse_params
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="SGD learning rate (default: the method's paper default).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--targets", type=click.Choice(["cached", "online"]), default="cached", show_default=True, help="cached: teacher outputs computed once over the transfer set; online: a teacher forward pass per batch.")
+@click.option("--targets", type=click.Choice(["cached", "online"]), default=None, help="cached: teacher outputs computed once over the transfer set (the default without augmentation); online: a teacher forward pass per batch (the default, and the only choice, with --augment paper).")
+@click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, out, device, data_dir, strategy, order, recalibrate_bn, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, out, device, data_dir, strategy, order, recalibrate_bn, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -45,7 +46,10 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     from ..predictions import PredictionCache
     from ..results import append_record
 
+    from ..targets import resolve_targets
+
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
+    targets = resolve_targets(targets, augment, where="--targets")
     check_device(device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
@@ -54,9 +58,9 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
     transfer_set, eval_set = load_cli_data([student_model, *teacher_models], out, data_dir, **data)
     if strategy is not None:
-        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, order=order, recalibrate_bn=recalibrate_bn, device=device)
+        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, order=order, recalibrate_bn=recalibrate_bn, device=device)
         return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
-    click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}), evaluated on {len(eval_set):,}")
+    click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{', augmented' if augment != 'none' else ''}), evaluated on {len(eval_set):,}")
     echo_preprocessing([student_model, teacher_model])
 
     def on_epoch(record):
@@ -64,7 +68,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     result = transfer(
         student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, targets=targets, device=device, cache=PredictionCache(), on_epoch=on_epoch,
+        batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=PredictionCache(), on_epoch=on_epoch,
     )
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
@@ -104,7 +108,7 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
             where = f"stage {record['stage']} ({record['stage_teacher']}) "
         elif "ingredient" in record:
             where = f"ingredient {record['ingredient']} ({record['ingredient_teacher']}) "
-        line = f"  {where}epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}"
+        line = f"  {where}epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}"
         if "delta_vs_first" in record:
             line += f"  Δ since the first student {record['delta_vs_first']:+.2f}"
         shares = [record[f"share_{k}"] for k in range(len(teacher_models) + 1) if f"share_{k}" in record]
@@ -115,7 +119,7 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
     result = transfer_multi(
         student_model, teacher_models, transfer_set, eval_set, method, strategy=strategy, order=settings["order"] or "ascending",
         recalibrate_bn=settings["recalibrate_bn"], epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
-        targets=settings["targets"], device=settings["device"], cache=PredictionCache(), on_epoch=on_epoch,
+        targets=settings["targets"], augment=settings["augment"], device=settings["device"], cache=PredictionCache(), on_epoch=on_epoch,
     )
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)

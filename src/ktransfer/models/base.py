@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -38,14 +39,7 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 and self.needs_images:
             raise ModelError(f"this preprocessing works on images [N, C, H, W]; got input of shape {tuple(images.shape)} (give a model that takes such input without image preprocessing)")
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        if self.crop_pct is not None and self.crop_pct < 1:
-            height, width = x.shape[-2:]
-            crop_h, crop_w = max(1, round(height * self.crop_pct)), max(1, round(width * self.crop_pct))
-            top, left = (height - crop_h) // 2, (width - crop_w) // 2
-            x = x[..., top : top + crop_h, left : left + crop_w]
-        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
-            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, antialias=self.interpolation in ("bilinear", "bicubic"), align_corners=False if self.interpolation != "nearest" else None)
+        x = self.frame(images)
         if self.in_chans is not None and x.shape[1] != self.in_chans:
             if x.shape[1] != 1:
                 raise ModelError(f"cannot turn {x.shape[1]}-channel images into the {self.in_chans} channels the model expects")
@@ -55,6 +49,26 @@ class Preprocess:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+    def frame(self, images: torch.Tensor) -> torch.Tensor:
+        """The geometric part: float in [0, 1] (from uint8), the crop, the resize to ``input_size``.
+
+        Augmentation works on this frame of the student's; each model then prepares the
+        augmented view with :meth:`for_views`.
+        """
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if self.crop_pct is not None and self.crop_pct < 1:
+            height, width = x.shape[-2:]
+            crop_h, crop_w = max(1, round(height * self.crop_pct)), max(1, round(width * self.crop_pct))
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            x = x[..., top : top + crop_h, left : left + crop_w]
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode=self.interpolation, antialias=self.interpolation in ("bilinear", "bicubic"), align_corners=False if self.interpolation != "nearest" else None)
+        return x
+
+    def for_views(self) -> "Preprocess":
+        """This preprocessing for input that is already framed (another model's :meth:`frame`, augmented): no second crop."""
+        return dataclasses.replace(self, crop_pct=None)
 
     def describe(self) -> str:
         return repr(self)
@@ -95,6 +109,10 @@ class Model:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(self.preprocess(images))
+
+    def for_views(self) -> "Model":
+        """The same module (shared, not copied) taking augmented views framed for another model (see ``ktransfer.augment``)."""
+        return Model(self.module, self.name, self.preprocess.for_views(), self.family, self.spec, feature_layer=self.feature_layer)
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)
