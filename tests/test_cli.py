@@ -44,6 +44,22 @@ def test_transfer_writes_record_and_student(small_fashion_mnist, tiny_zoo, tmp_p
     assert list(out.glob("*.safetensors"))
 
 
+def test_transfer_with_controls_records_them_and_compares(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "controlled"
+    result = run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl", "--epochs", "1", "--lr", "1e-2", "--controls", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    ce, own, transfer = read_records(out / "results.jsonl")
+    assert (ce["method"], own["method"]) == ("ce", "self") and ce["control"] and own["control"] and ce["teacher"] is None
+    assert ce["lr"] == own["lr"] == transfer["lr"] == 1e-2 and ce["epochs"] == transfer["epochs"] == 1
+    assert transfer["delta_vs_control"] == pytest.approx(transfer["acc_after"] - ce["acc_after"])
+    assert transfer["delta_vs_self"] == pytest.approx(transfer["acc_after"] - own["acc_after"])
+    assert "beyond the controls" in result.output
+    one_line_error(
+        run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--teacher", "zoo:vit", "--strategy", "soup", "--controls", "--out", out, "--data-dir", small_fashion_mnist),
+        "--controls compares a single-teacher transfer",
+    )
+
+
 def test_transfer_with_the_papers_augmentation_on_fashion_mnist(small_fashion_mnist, tiny_zoo, tmp_path):
     out = tmp_path / "run"
     result = run("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl_dp", "--epochs", "1", "--lr", "1e-3", "--augment", "paper", "--out", out, "--data-dir", small_fashion_mnist)

@@ -24,11 +24,12 @@ from .options import data_dir_option, parse_params
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", type=click.Choice(["cached", "online"]), default=None, help="cached: teacher outputs computed once over the transfer set (the default without augmentation); online: a teacher forward pass per batch (the default, and the only choice, with --augment paper).")
 @click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
+@click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, out, device, data_dir, strategy, order, recalibrate_bn, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -46,6 +47,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     from ..predictions import PredictionCache
     from ..results import append_record
 
+    from ..errors import ConfigError
     from ..targets import resolve_targets
 
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
@@ -53,6 +55,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     check_device(device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
+    if controls and strategy is not None:
+        raise ConfigError("--controls compares a single-teacher transfer with its controls; run the controls with one --teacher, or use 'ktransfer study'")
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
@@ -66,16 +70,39 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     def on_epoch(record):
         click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
 
-    result = transfer(
-        student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=PredictionCache(), on_epoch=on_epoch,
-    )
+    cache = PredictionCache()
+    settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache)
+    result = transfer(student_model, teacher_model, transfer_set, eval_set, method=method_obj, on_epoch=on_epoch, **settings)
     out.mkdir(parents=True, exist_ok=True)
-    append_record(out / "results.jsonl", result.metrics)
+    records = [result.metrics]
+    if controls:
+        records = [*_run_controls(student_model, transfer_set, eval_set, result, settings), result.metrics]
+    for record in records:
+        append_record(out / "results.jsonl", record)
     weights = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
     m = result.metrics
-    click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value")}))
-    click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
+    keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
+    click.echo(json.dumps({k: m[k] for k in keys if k in m}))
+    click.echo(f"student saved to {weights}; {len(records)} record(s) appended to {out / 'results.jsonl'}")
+
+
+def _run_controls(student_model, transfer_set, eval_set, result, settings) -> list[dict]:
+    """The ce and self controls of a transfer, with its settings; the transfer's record gains its comparisons with them."""
+    from ..controls import CONTROLS, attach_controls, run_control
+
+    records, predictions = [], {id(result.metrics): result.predictions}
+    for kind in CONTROLS:
+        control = run_control(kind, student_model, transfer_set, eval_set, **settings)
+        click.echo(f"  {kind} control (no teacher): Δ {control.metrics['delta']:+.2f} (p {control.metrics['p_value']:.2g})")
+        records.append(control.metrics)
+        predictions[id(control.metrics)] = control.predictions
+    attach_controls([*records, result.metrics], predictions, eval_set.labels)
+    m = result.metrics
+    click.echo(
+        f"  beyond the controls: vs ce {m['delta_vs_control']:+.2f} (p {m['p_value_vs_control']:.2g}), "
+        f"vs self {m['delta_vs_self']:+.2f} (p {m['p_value_vs_self']:.2g})"
+    )
+    return records
 
 
 def _check_strategy_options(teachers, strategy, order, recalibrate_bn, method) -> None:
