@@ -166,7 +166,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
             record = {**result.metrics, "setting": options.setting, "control": teacher is None}
             predictions[id(record)] = result.predictions
             records.append(record)
-            attach_controls(records, predictions, splits.eval.labels)
+            if teacher is not None:  # its controls ran first: compare it with them now, for the line below
+                attach_controls([*(r for r in records if r.get("control")), record], predictions, splits.eval.labels)
             save_predictions(predictions_dir, _run_key(record), result.predictions)
             append_record(results_path, record)
             progress.console.print(_run_line(record))
