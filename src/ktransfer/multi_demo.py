@@ -44,11 +44,12 @@ def _run_key(record: dict) -> tuple:
     return (
         record["student"], record["teacher"], record.get("strategy"), record["method"], json.dumps(record["epochs"]), record["lr"],
         record["seed"], record.get("batch_size"), json.dumps(record["hparams"], sort_keys=True), bool(record.get("recalibrate_bn")),
+        record.get("transfer_data"),
     )
 
 
 def _weights_file(out: Path, record: dict) -> Path:
-    name = f"{record['student']}-from-{record['teacher']}-{record['method']}-e{record['epochs']}-lr{record['lr']:g}-s{record['seed']}-b{record.get('batch_size')}"
+    name = f"{record['student']}-from-{record['teacher']}-{record['method']}-e{record['epochs']}-lr{record['lr']:g}-s{record['seed']}-b{record.get('batch_size')}-{record.get('transfer_data')}"
     hparams = "_".join(f"{k}={v}" for k, v in sorted(record["hparams"].items()))
     for character in ":/?&= ":
         name, hparams = name.replace(character, "_"), hparams.replace(character, "_")
@@ -77,7 +78,8 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = fashion_mnist.load(options.data_dir)
-    console.print(f"[bold]Fashion-MNIST[/]: transfer set {len(splits.transfer):,}, evaluation set {len(splits.eval):,} images")
+    transfer_set = splits.transfer_set(options.setting)
+    console.print(f"[bold]Fashion-MNIST[/]: transfer set {len(transfer_set):,} ({options.setting} setting), evaluation set {len(splits.eval):,} images")
 
     names = list(dict.fromkeys([*options.students, *options.teachers]))
     models = load_zoo(names, options.data_dir, console)
@@ -88,7 +90,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
     ]
     console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
 
-    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size, cache=cache, device=options.device)
+    settings = dict(epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size, cache=cache, device=options.device, augment=options.augment)
     teachers = [models[name] for name in options.teachers]
     results_path = out / "results.jsonl"
     previous = {_run_key(r): r for r in read_records(results_path) if "hparams" in r} if results_path.exists() else {}
@@ -115,7 +117,10 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                     records.append(record)
                     progress.console.print(f"  {method:<6} {label:<24} → {student_name:<8} Δ {record['delta']:+5.2f}  gain {record['knowledge_gain']:4.2f}  loss {record['knowledge_loss']:4.2f}  ({record['seconds']:.1f}s)")
 
-                planned = dict(student=student.spec, method=method, epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size, hparams=method_obj.describe())
+                planned = dict(
+                    student=student.spec, method=method, epochs=options.epochs, lr=options.lr, seed=options.seeds[0], batch_size=options.batch_size,
+                    hparams=method_obj.describe(), transfer_data=transfer_set.name,
+                )
                 singles = []
                 for teacher_name, teacher in zip(options.teachers, teachers):
                     progress.update(overall, description=f"{method}: {teacher_name} → {student_name}")
@@ -127,7 +132,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                         module.load_state_dict(load_file(weights))
                         result = TransferResult(module, take_finished(done), done.get("history", []), Model(module.eval(), student.name, student.preprocess, student.family, student.spec))
                     else:
-                        result = transfer(student, teacher, splits.transfer, splits.eval, method=create_method(method), **settings)
+                        result = transfer(student, teacher, transfer_set, splits.eval, method=create_method(method), **settings)
                         result.save_student(weights)
                         keep(result.metrics, teacher_name)
                     singles.append(result)
@@ -146,7 +151,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                     if done is not None:
                         return take_finished(done)
                     progress.update(overall, description=f"{method}: {label} → {student_name}")
-                    result = transfer_multi(student, teachers, splits.transfer, splits.eval, create_method(method), strategy=strategy, **settings, **extra)
+                    result = transfer_multi(student, teachers, transfer_set, splits.eval, create_method(method), strategy=strategy, **settings, **extra)
                     keep(result.metrics, label)
                     return result.metrics
 
