@@ -152,7 +152,8 @@ def test_data_specs(tmp_path, small_fashion_mnist):
     assert (tmp_path / "out" / "s.json").is_file() and splits.subset_index["n_subset"] == 6
 
     fm_transfer, fm_eval = open_data("fashion-mnist", small_fashion_mnist)
-    assert len(fm_transfer) == 200 and len(fm_eval) == 200
+    assert len(fm_transfer) == 100 and len(fm_eval) == 200  # the fixture's transfer split: a fifth of its 500-image pool
+    assert len(open_sources(None, "fashion-mnist:validation", "fashion-mnist:test", small_fashion_mnist)[0]) == 200
     separate = open_sources(None, f"folder:{root}/train", f"folder:{root}/val")
     assert [len(s) for s in separate] == [12, 6]
     with pytest.raises(DataError, match="train/"):
