@@ -89,7 +89,7 @@ class CheckpointStore:
     a damaged file passed over).
     """
 
-    def __init__(self, folder: str | Path, settings: dict, every_steps: int | None = None, minutes: float | None = None, log: Callable[[str], None] | None = None, hint: str = "pass another checkpoint_dir"):
+    def __init__(self, folder: str | Path, settings: dict, every_steps: int | None = None, minutes: float | None = None, log: Callable[[str], None] | None = None, hint: str = "use another --out (checkpoint_dir from Python)"):
         if every_steps is not None and every_steps < 1:
             raise CheckpointError(f"checkpoint every {every_steps} steps: give a number of steps of at least 1")
         if minutes is not None and not minutes > 0:

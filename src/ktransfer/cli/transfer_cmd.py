@@ -26,9 +26,12 @@ from .options import data_dir_option, parse_params
 @click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Also checkpoint into OUT/checkpoints every STEPS optimiser steps (one is always written at the end of each epoch). Rerunning the same command resumes from the newest.")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M", help="Also checkpoint when M minutes have passed since the last checkpoint.  [default: 10]")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep OUT/checkpoints after the run finishes (by default they are removed then).")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, out, device, data_dir, strategy, order, recalibrate_bn, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -38,8 +41,13 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     Own models and data: ktransfer transfer --student timm:resnet18 --teacher timm:vit_small_patch16_224
     --data folder:imagenet --subset 0.1 --out runs/r18-vits (see docs/models-and-data.md)
+
+    A single transfer checkpoints into OUT/checkpoints (every epoch and every 10 minutes by
+    default); run the same command again to resume it (see docs/checkpoints.md).
     """
     from ..api import transfer
+    from ..checkpoints import RunFinishedError
+    from ..errors import ConfigError
     from ..engine import check_device
     from ..methods import create_method
     from ..models import load_model
@@ -53,6 +61,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     check_device(device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
+    if strategy is not None and (checkpoint_every is not None or checkpoint_minutes is not None or keep_checkpoints):
+        raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer, not yet to --strategy")
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
@@ -66,16 +76,29 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     def on_epoch(record):
         click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
 
-    result = transfer(
-        student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=PredictionCache(), on_epoch=on_epoch,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    append_record(out / "results.jsonl", result.metrics)
-    weights = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
+    saved = {}
+
+    def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them
+        out.mkdir(parents=True, exist_ok=True)
+        append_record(out / "results.jsonl", result.metrics)
+        saved["weights"] = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
+
+    def log(line):
+        click.echo(line, err=line.startswith("Warning"))
+
+    try:
+        result = transfer(
+            student_model, teacher_model, transfer_set, eval_set, method=method_obj, epochs=epochs, lr=lr,
+            batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=PredictionCache(), on_epoch=on_epoch,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes if checkpoint_minutes is not None else 10.0,
+            keep_checkpoints=keep_checkpoints, on_result=save_outputs, log=log,
+        )
+    except RunFinishedError as finished:
+        click.echo(f"Nothing to do: {finished}")
+        return
     m = result.metrics
     click.echo(json.dumps({k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value")}))
-    click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
+    click.echo(f"student saved to {saved['weights']}; record appended to {out / 'results.jsonl'}")
 
 
 def _check_strategy_options(teachers, strategy, order, recalibrate_bn, method) -> None:
