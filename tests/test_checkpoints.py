@@ -17,6 +17,7 @@ from torch import nn
 import ktransfer
 from ktransfer.checkpoints import CheckpointError, RunFinishedError
 from ktransfer.cli import main
+from ktransfer.errors import ConfigError
 from ktransfer.results import read_records
 
 # A real `ktransfer transfer` process on the tests' small Fashion-MNIST look-alike and tiny zoo
@@ -188,3 +189,5 @@ def test_keep_checkpoints_and_no_checkpoints_without_a_folder(tiny_data, tmp_pat
     assert [p.name.rsplit("-", 1)[1] for p in sorted(folder.glob("*.pt"))] == ["step000000006.pt", "step000000012.pt"]  # each epoch's end
     for key, value in plain.student.state_dict().items():
         assert torch.equal(value, kept.student.state_dict()[key]), key
+    with pytest.raises(ConfigError, match="need checkpoint_dir"):
+        ktransfer.transfer(student, teacher, *tiny_data, method="kl", epochs=1, checkpoint_every=5)

@@ -193,6 +193,8 @@ def transfer(
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
     checkpoints = None
+    if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
+        raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
     if checkpoint_dir is not None:
         settings = run_settings(student_model, teachers, transfer_set, method, config)
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
