@@ -191,3 +191,21 @@ def test_keep_checkpoints_and_no_checkpoints_without_a_folder(tiny_data, tmp_pat
         assert torch.equal(value, kept.student.state_dict()[key]), key
     with pytest.raises(ConfigError, match="need checkpoint_dir"):
         ktransfer.transfer(student, teacher, *tiny_data, method="kl", epochs=1, checkpoint_every=5)
+
+
+def test_augmented_run_resumes_mid_epoch_from_a_time_based_checkpoint(tiny_data, tmp_path):
+    student, teacher = tiny_models()
+    settings = dict(method="kl_dp", epochs=2, batch_size=64, lr=1e-2, augment="paper")
+    uninterrupted = ktransfer.transfer(student, teacher, *tiny_data, **settings)
+    folder = tmp_path / "checkpoints"
+    # A tiny time budget makes a checkpoint due after every step.
+    with pytest.raises(Stop):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, checkpoint_minutes=1e-9, on_step=stop_at(8), **settings)
+    previous, newest = sorted(folder.glob("*.pt"))
+    assert previous.name.endswith("step000000007.pt") and newest.name.endswith("step000000008.pt")
+    lines = []
+    resumed = ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, log=lines.append, **settings)
+    assert lines == [f"resuming from {newest} (epoch 2 of 2, batch 2 of 6, step 8)"]
+    for key, value in uninterrupted.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    assert without_seconds(resumed.history) == without_seconds(uninterrupted.history)
