@@ -126,7 +126,7 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "step": self.step,
@@ -248,6 +248,8 @@ class Engine:
     def train_epoch(self) -> dict:
         module, method, config, state = self.student.module, self.method, self.config, self.state
         module.train()
+        # The order stays drawn from one generator seeded once per run, as before checkpoints existed
+        # (so earlier results reproduce); resuming replays the epoch's draw from the state saved here.
         if state.position == 0:
             state.epoch_start_generator = state.generator.get_state()
             order = torch.randperm(len(self.data), generator=state.generator)
@@ -307,6 +309,7 @@ class Engine:
             batches += 1
             state.position += 1
             if self.checkpoints is not None and state.position < self.steps_per_epoch and self.checkpoints.due(state.step):
+                self._check_finite(loss_sum, state.step)  # never checkpoint a run that has diverged
                 state.epoch_sums = {"loss": loss_sum, "stats": stat_sums, "batches": batches}
                 self.save_checkpoint()
             if self.on_step is not None:
