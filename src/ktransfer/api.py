@@ -196,7 +196,7 @@ def transfer(
     if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
         raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
     if checkpoint_dir is not None:
-        settings = run_settings(student_model, teachers, transfer_set, method, config)
+        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config)
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
         checkpoints.check()  # a finished run or another configuration's folder: refused before any work
 
@@ -210,8 +210,8 @@ def transfer(
     return result
 
 
-def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, method: Method, config: TrainConfig) -> dict:
-    """What determines a run's training, as plain data: a checkpoint is resumed only by a run with the same."""
+def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
+    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same."""
     training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size")}
     return {
         "method": method.name,
@@ -220,6 +220,7 @@ def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData,
         "student": student.fingerprint(),
         "teachers": [teacher.fingerprint() for teacher in teachers],
         "transfer_data": transfer_set.fingerprint(),
+        "eval_data": eval_set.fingerprint(),  # the history's numbers come from it
     }
 
 

@@ -142,7 +142,7 @@ class CheckpointStore:
         """Refuse a folder that holds an unfinished run of another configuration, or this run finished."""
         finished = set(self.finished_fingerprints())
         if self.fingerprint in finished:
-            raise RunFinishedError(f"this run has finished already in {self.folder}; nothing was changed (to run it again, delete {self.folder / FINISHED_FILE} or {self.hint})")
+            raise RunFinishedError(f"this run has finished already in {self.folder}; nothing was changed (to run it again, delete {self.folder} or {self.hint})")
         others = [(fingerprint, path) for fingerprint, _, path in self._files() if fingerprint != self.fingerprint and fingerprint not in finished]
         if not others:
             return
