@@ -209,3 +209,21 @@ def test_augmented_run_resumes_mid_epoch_from_a_time_based_checkpoint(tiny_data,
     for key, value in uninterrupted.student.state_dict().items():
         assert torch.equal(value, resumed.student.state_dict()[key]), key
     assert without_seconds(resumed.history) == without_seconds(uninterrupted.history)
+
+
+def test_a_crd_checkpoint_holds_its_heads_their_optimiser_state_and_its_memory(tiny_data, tmp_path):
+    student, teacher = tiny_models()
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(Stop):
+        ktransfer.transfer(student, teacher, *tiny_data, method="crd", epochs=1, batch_size=64, negatives=100, feat_dim=8, checkpoint_dir=folder, checkpoint_every=2, on_step=stop_at(2))
+    (path,) = folder.glob("*.pt")
+    state = torch.load(path, weights_only=True)["state"]
+    method = state["method"]
+    assert method["embed_student"]["weight"].shape == (8, 16) and method["embed_teacher"]["weight"].shape == (8, 16)
+    assert int(method["memory"]["pointer"]) == 128 % 100 and (method["memory"]["index"] >= 0).sum() == 100  # 128 samples queued into 100 slots
+    assert method["log_normalisers"] is not None
+    optimiser = state["loop"]["optimizer"]
+    student_parameters = len(list(student.parameters()))
+    assert len(optimiser["state"]) == student_parameters + 4  # the heads' weights and biases have momentum too
+    assert all("momentum_buffer" in entry for entry in optimiser["state"].values())
+    assert state["loop"]["position"] == 2 and state["loop"]["step"] == 2 and state["loop"]["epoch"] == 0
