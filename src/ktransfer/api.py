@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data
 from .engine import Engine, Evaluator, TrainConfig
 from .errors import ConfigError, ModelError
@@ -136,6 +138,12 @@ def transfer(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     eval_references: dict[str, torch.Tensor] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = 10.0,
+    keep_checkpoints: bool = False,
+    on_result: Callable[[TransferResult], None] | None = None,
+    log: Callable[[str], None] | None = None,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -154,6 +162,17 @@ def transfer(
     outputs computed once) or ``"online"`` (computed per batch); left out, it is cached where
     that is exact, i.e. without augmentation, and online with it. Cached with augmentation is
     refused. The record says which was used.
+
+    Checkpoints (off unless ``checkpoint_dir`` is given; see docs/checkpoints.md): one is written
+    into ``checkpoint_dir`` at the end of every epoch, after every ``checkpoint_every`` optimiser
+    steps and when ``checkpoint_minutes`` have passed since the last. Calling ``transfer`` again
+    with the same arguments resumes from the newest one, with the same result as an uninterrupted
+    run; a folder holding another configuration's unfinished run is refused
+    (:class:`~ktransfer.checkpoints.CheckpointError`), and a run that finished there raises
+    :class:`~ktransfer.checkpoints.RunFinishedError`. ``on_result`` is called with the result
+    before the run is marked finished and its checkpoints are removed (kept with
+    ``keep_checkpoints``): save what you need there. ``log`` receives the lines worth showing
+    (resuming, a damaged checkpoint passed over); by default they go to the ``ktransfer`` logger.
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
@@ -173,13 +192,44 @@ def transfer(
     config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment)
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
+    checkpoints = None
+    if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
+        raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
+    if checkpoint_dir is not None:
+        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config)
+        checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
+        checkpoints.check()  # a finished run or another configuration's folder: refused before any work
 
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
     with kept_as_given(student_model, *teachers):
-        return _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started)
+        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints)
+    if on_result is not None:
+        on_result(result)
+    if checkpoints is not None:
+        checkpoints.finish(keep=keep_checkpoints)
+    return result
 
 
-def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float) -> TransferResult:
+def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
+    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same."""
+    training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size")}
+    return {
+        "method": method.name,
+        "hparams": method.describe(),
+        **training,
+        "student": student.fingerprint(),
+        "teachers": [teacher.fingerprint() for teacher in teachers],
+        "transfer_data": transfer_set.fingerprint(),
+        "eval_data": eval_set.fingerprint(),  # the history's numbers come from it
+    }
+
+
+def _log_line(line: str) -> None:
+    logger = logging.getLogger("ktransfer")
+    (logger.warning if line.startswith("Warning") else logger.info)(line)
+
+
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
@@ -196,9 +246,11 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
-    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch)
+    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints)
     history = engine.run()
     final = history[-1]
+    if evaluator.last_predictions is None:  # resumed from the last epoch's checkpoint: nothing left to train
+        engine.evaluate()
     result_module = method.eval_module(trained.module)
     if result_module is not trained.module:
         # A module the method kept apart (MCL's slow weights) is frozen while it trains; hand it back

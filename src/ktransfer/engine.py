@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .augment import Augmentation, check_augment
+from .checkpoints import CheckpointStore
 from .data.base import ImageData
 from .errors import ConfigError, TrainingError
 from .methods.base import Method, StepInputs
@@ -106,21 +107,59 @@ class Evaluator:
 
 @dataclass
 class TrainState:
-    """Everything the loop changes; ``state_dict``/``load_state_dict`` make a run resumable."""
+    """Everything the loop changes; ``state_dict``/``load_state_dict`` make a run resumable, also mid-epoch.
+
+    The data order of an epoch is drawn from ``generator``; ``epoch_start_generator`` is its state
+    just before that draw, so a resumed run draws the same permutation again and skips the
+    ``position`` batches it had already trained on. ``epoch_sums`` are the running sums of the
+    epoch's logged numbers, so its record comes out the same.
+    """
 
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    position: int = 0  # batches of the current epoch already trained on
+    epoch_start_generator: torch.Tensor | None = None
+    epoch_sums: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "epoch": self.epoch, "step": self.step, "history": list(self.history)}
+        return {
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": list(self.history),
+            "position": self.position,
+            "epoch_start_generator": self.epoch_start_generator,
+            "epoch_sums": _to_cpu(self.epoch_sums),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        self.position = state.get("position", 0)
+        self.epoch_start_generator = state.get("epoch_start_generator")
+        self.epoch_sums = dict(state.get("epoch_sums") or {})
+
+
+def _to_cpu(value):
+    """A copy of nested dicts of tensors and numbers with every tensor on the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
 
 
 class Engine:
@@ -134,6 +173,7 @@ class Engine:
         evaluator: Evaluator | None = None,
         on_step: Callable[[int, int], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
+        checkpoints: CheckpointStore | None = None,
     ):
         config.validate()
         if (method.needs_teacher or method.needs_original) and targets is None:
@@ -151,6 +191,7 @@ class Engine:
             labels = data.labels.to(config.device)
             self.fixed = method.fixed_targets(targets.teacher_logits, targets.original_logits, labels)
         self.on_step, self.on_epoch = on_step, on_epoch
+        self.checkpoints = checkpoints
         torch.manual_seed(config.seed)
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
@@ -207,12 +248,24 @@ class Engine:
     def train_epoch(self) -> dict:
         module, method, config, state = self.student.module, self.method, self.config, self.state
         module.train()
-        order = torch.randperm(len(self.data), generator=state.generator)
+        # The order stays drawn from one generator seeded once per run, as before checkpoints existed
+        # (so earlier results reproduce); resuming replays the epoch's draw from the state saved here.
+        if state.position == 0:
+            state.epoch_start_generator = state.generator.get_state()
+            order = torch.randperm(len(self.data), generator=state.generator)
+        else:  # resumed mid-epoch: the same permutation again, from its state before the draw
+            replay = torch.Generator()
+            replay.set_state(state.epoch_start_generator)
+            order = torch.randperm(len(self.data), generator=replay)[state.position * config.batch_size :]
         # Sums stay on the device: reading a number back each step would stall a GPU.
         # The loss is checked for NaN every step on the CPU (free) and every 32 steps elsewhere.
         device_type = torch.device(config.device).type
         check_every = 1 if device_type == "cpu" else 32
-        loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
+        if state.position == 0:
+            loss_sum, stat_sums, batches = torch.zeros((), device=config.device), {}, 0
+        else:
+            sums = _to_device(state.epoch_sums, config.device)
+            loss_sum, stat_sums, batches = sums["loss"], dict(sums["stats"]), sums["batches"]
         for index, images, labels in self.data.batches(order, config.batch_size):
             # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment).
             sample_index = index
@@ -254,9 +307,15 @@ class Engine:
             for key, value in out.stats.items():
                 stat_sums[key] = stat_sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
             batches += 1
+            state.position += 1
+            if self.checkpoints is not None and state.position < self.steps_per_epoch and self.checkpoints.due(state.step):
+                self._check_finite(loss_sum, state.step)  # never checkpoint a run that has diverged
+                state.epoch_sums = {"loss": loss_sum, "stats": stat_sums, "batches": batches}
+                self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(state.step, self.steps_per_epoch * config.epochs)
         self._check_finite(loss_sum, state.step)
+        state.position, state.epoch_sums = 0, {}
         batches = max(batches, 1)
         return {"train_loss": float(loss_sum) / batches, **{k: float(v) / batches for k, v in stat_sums.items()}}
 
@@ -275,8 +334,47 @@ class Engine:
         model = self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
         return self.evaluator(model)
 
+    def state_dict(self) -> dict:
+        """All a run needs to go on where it stopped: the student, the loop, the method and the RNG."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.device(self.config.device).type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(torch.device(self.config.device))
+        return {
+            "student": _to_cpu(self.student.module.state_dict()),
+            "loop": self.state.state_dict(),
+            "method": _to_cpu(self.method.state_dict()),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.config.device
+        self.student.module.load_state_dict(state["student"])
+        self.method.load_state_dict(_to_device(state["method"], device))
+        self.state.load_state_dict(state["loop"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(device))
+
+    def save_checkpoint(self):
+        state = self.state
+        if state.position:
+            where = f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
+        else:
+            where = f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
+        return self.checkpoints.save(self.state_dict(), state.step, where)
+
+    def resume(self) -> bool:
+        """Load the newest readable checkpoint, if there is one; True if one was loaded."""
+        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        if checkpoint is None:
+            return False
+        self.load_state_dict(checkpoint["state"])
+        return True
+
     def run(self) -> list[dict]:
         state = self.state
+        if self.checkpoints is not None:
+            self.resume()
         while state.epoch < self.config.epochs:
             started = time.perf_counter()
             record = {"epoch": state.epoch + 1, **self.train_epoch()}
@@ -285,6 +383,8 @@ class Engine:
             record["seconds"] = time.perf_counter() - started
             state.epoch += 1
             state.history.append(record)
+            if self.checkpoints is not None:
+                self.save_checkpoint()
             if self.on_epoch is not None:
                 self.on_epoch(record)
         return state.history

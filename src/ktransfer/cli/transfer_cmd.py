@@ -27,9 +27,12 @@ from .options import data_dir_option, parse_params
 @click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Also checkpoint into OUT/checkpoints every STEPS optimiser steps (one is always written at the end of each epoch). Rerunning the same command resumes from the newest.")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M", help="Also checkpoint when M minutes have passed since the last checkpoint.  [default: 10]")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep OUT/checkpoints after the run finishes (by default they are removed then).")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -39,15 +42,18 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     Own models and data: ktransfer transfer --student timm:resnet18 --teacher timm:vit_small_patch16_224
     --data folder:imagenet --subset 0.1 --out runs/r18-vits (see docs/models-and-data.md)
+
+    A single transfer checkpoints into OUT/checkpoints (every epoch and every 10 minutes by
+    default); run the same command again to resume it (see docs/checkpoints.md).
     """
     from ..api import transfer
+    from ..checkpoints import RunFinishedError
+    from ..errors import ConfigError
     from ..engine import check_device
     from ..methods import create_method
     from ..models import load_model
     from ..predictions import PredictionCache
     from ..results import append_record
-
-    from ..errors import ConfigError
     from ..targets import resolve_targets
 
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
@@ -57,6 +63,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
     if controls and strategy is not None:
         raise ConfigError("--controls compares a single-teacher transfer with its controls; run the controls with one --teacher, or use 'ktransfer study'")
+    if strategy is not None and (checkpoint_every is not None or checkpoint_minutes is not None or keep_checkpoints):
+        raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer, not yet to --strategy")
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
@@ -72,18 +80,34 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     cache = PredictionCache()
     settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache)
-    result = transfer(student_model, teacher_model, transfer_set, eval_set, method=method_obj, on_epoch=on_epoch, **settings)
-    out.mkdir(parents=True, exist_ok=True)
-    records = [result.metrics]
-    if controls:
-        records = [*_run_controls(student_model, transfer_set, eval_set, result, settings), result.metrics]
-    for record in records:
-        append_record(out / "results.jsonl", record)
-    weights = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
+    saved = {}
+
+    def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them
+        records = [result.metrics]
+        if controls:  # the controls run now, so a rerun after a crash here finds the transfer finished only with them
+            records = [*_run_controls(student_model, transfer_set, eval_set, result, settings), result.metrics]
+        out.mkdir(parents=True, exist_ok=True)
+        for record in records:
+            append_record(out / "results.jsonl", record)
+        saved["weights"] = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
+        saved["records"] = len(records)
+
+    def log(line):
+        click.echo(line, err=line.startswith("Warning"))
+
+    try:
+        result = transfer(
+            student_model, teacher_model, transfer_set, eval_set, method=method_obj, on_epoch=on_epoch, **settings,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes if checkpoint_minutes is not None else 10.0,
+            keep_checkpoints=keep_checkpoints, on_result=save_outputs, log=log,
+        )
+    except RunFinishedError as finished:
+        click.echo(f"Nothing to do: {finished}")
+        return
     m = result.metrics
     keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
     click.echo(json.dumps({k: m[k] for k in keys if k in m}))
-    click.echo(f"student saved to {weights}; {len(records)} record(s) appended to {out / 'results.jsonl'}")
+    click.echo(f"student saved to {saved['weights']}; {saved['records']} record(s) appended to {out / 'results.jsonl'}")
 
 
 def _run_controls(student_model, transfer_set, eval_set, result, settings) -> list[dict]:

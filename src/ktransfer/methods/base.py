@@ -110,6 +110,13 @@ class Method:
         """The weights to evaluate and return (MCL's slow weights, for example)."""
         return student
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the method changes while training, beyond the student and the optimiser, for a checkpoint (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave; called after :meth:`setup`, with tensors already on the run's device."""
+
     def describe(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
 

@@ -205,6 +205,31 @@ class ContrastiveRepresentationDistillation(Method):
         self.log_normalisers: tuple[float, float] | None = None
         return [*self.embed_student.parameters(), *self.embed_teacher.parameters()]
 
+    def state_dict(self) -> dict:
+        """The projection heads (their optimiser state travels with the optimiser's), the memory and the fixed NCE normalisers."""
+        if self.memory is None:
+            return {}
+        memory = self.memory
+        return {
+            "embed_student": self.embed_student.state_dict(),
+            "embed_teacher": self.embed_teacher.state_dict(),
+            "memory": {"student": memory.student, "teacher": memory.teacher, "index": memory.index, "pointer": memory.pointer},
+            "log_normalisers": list(self.log_normalisers) if self.log_normalisers is not None else None,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        # Copied into the existing parameters, which the optimiser holds.
+        self.embed_student.load_state_dict(state["embed_student"])
+        self.embed_teacher.load_state_dict(state["embed_teacher"])
+        saved = state["memory"]
+        self.memory.student, self.memory.teacher = saved["student"].clone(), saved["teacher"].clone()
+        self.memory.index, self.memory.pointer = saved["index"].clone(), saved["pointer"].clone()
+        normalisers = state["log_normalisers"]
+        self.log_normalisers = tuple(normalisers) if normalisers is not None else None
+
     def loss(self, inputs: StepInputs) -> LossOutput:
         p, memory = self.params, self.memory
         student = F.normalize(self.embed_student(inputs.student_features.flatten(1)).float(), dim=1)

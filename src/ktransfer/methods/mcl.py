@@ -92,3 +92,11 @@ class XEKLDistMCL(Method):
 
     def eval_module(self, student: nn.Module) -> nn.Module:
         return self.slow if self.slow is not None else student
+
+    def state_dict(self) -> dict:
+        # The update schedule follows the engine's step counter, which the loop's state carries.
+        return {"slow": self.slow.state_dict()} if self.slow is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "slow" in state:
+            self.slow.load_state_dict(state["slow"])
