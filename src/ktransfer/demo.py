@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import torch
-
 from .api import transfer
-from .controls import CONTROLS, attach_controls, load_predictions, run_control, save_predictions
+from .controls import CONTROLS, attach_controls, control_method, load_predictions, run_control, save_predictions
 from .engine import check_device
 from .data import fashion_mnist
 from .analysis import analyze_predictions
@@ -31,7 +28,7 @@ from .metrics import accuracy, flip_matrices
 from .models.base import Model
 from .models.store import DEFAULT_ZOO, load_zoo_model
 from .predictions import PredictionCache
-from .results import append_record, read_records, summarize, summarize_controls
+from .results import append_record, is_control, read_records, summarize, summarize_controls, write_records
 from . import tables
 
 PROFILES = {
@@ -167,7 +164,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
             predictions[id(record)] = result.predictions
             records.append(record)
             if teacher is not None:  # its controls ran first: compare it with them now, for the line below
-                attach_controls([*(r for r in records if r.get("control")), record], predictions, splits.eval.labels)
+                attach_controls([*(r for r in records if is_control(r)), record], predictions, splits.eval.labels)
             save_predictions(predictions_dir, _run_key(record), result.predictions)
             append_record(results_path, record)
             progress.console.print(_run_line(record))
@@ -177,7 +174,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
         console.print(f"reused {reused} finished runs from {results_path}")
     # Reused records get their comparisons again (their controls may be new), and the file holds exactly this run's records.
     attach_controls(records, predictions, splits.eval.labels)
-    _rewrite(results_path, records)
+    write_records(results_path, records)
 
     n_eval = len(splits.eval)
     console.print(tables.pairs_table(records, n_eval))
@@ -195,24 +192,11 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
 
 def _planned_record(student: str, teacher: str | None, method: str, options: DemoOptions, seed: int, transfer_data: str) -> dict:
     """The fields of a run's future record that identify it (see :func:`_run_key`)."""
-    if teacher is None:
-        from .controls import control_method
-
-        hparams = control_method(method).describe()
-    else:
-        hparams = create_method(method).describe()
+    hparams = (control_method(method) if teacher is None else create_method(method)).describe()
     return {
         "student": f"zoo:{student}", "teacher": f"zoo:{teacher}" if teacher else None, "method": method, "epochs": options.epochs,
         "lr": options.lr, "seed": seed, "transfer_data": transfer_data, "augment": options.augment, "control": teacher is None, "hparams": hparams,
     }
-
-
-def _rewrite(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    for record in records:
-        append_record(tmp, record)
-    os.replace(tmp, path)
 
 
 def _run_line(record: dict) -> str:

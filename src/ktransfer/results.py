@@ -11,6 +11,7 @@ from typing import Iterable
 
 from .errors import DataError
 from .metrics import significance_summary, success_rate
+from .paths import atomic_write_bytes
 
 ALPHA = 0.05  # the significance level of every table
 
@@ -37,6 +38,11 @@ def append_record(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(_clean(record), sort_keys=False) + "\n")
         handle.flush()
+
+
+def write_records(path: Path, records: Iterable[dict]) -> None:
+    """Replace ``path`` with ``records``, one per line, atomically: a reader never sees half a file."""
+    atomic_write_bytes(Path(path), "".join(json.dumps(_clean(r)) + "\n" for r in records).encode("utf-8"))
 
 
 def read_records(path: Path) -> list[dict]:

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 from .api import transfer
 from .augment import AUGMENTS
 from .analysis import analyze
@@ -41,7 +39,8 @@ from .methods import create_method
 from .models import load_model
 from .models.base import Model
 from .predictions import PredictionCache
-from .results import _clean
+from .paths import atomic_write_bytes
+from .results import _clean, write_records
 from .targets import resolve_targets
 
 CONFIG_FILE = "study.yaml"
@@ -838,8 +837,8 @@ class Study:
             if own:
                 store.close()
         compare_with_controls(self.folder, records)
-        _atomic_write(self.folder / "results.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in records))
-        _atomic_write(self.folder / "results.csv", records_to_csv(records))
+        write_records(self.folder / "results.jsonl", records)
+        atomic_write_bytes(self.folder / "results.csv", records_to_csv(records).encode("utf-8"))
         return records
 
     def status(self) -> dict:
@@ -883,12 +882,6 @@ def study_records(store: StudyStore) -> list[dict]:
     plan = store.get_meta("plan")
     rows = store.rows("study", keys=plan) if plan is not None else store.rows("study")
     return [_record_of(row) for row in rows if row["status"] == "done"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # Columns first in the CSV and the DataFrame, in this order; the rest follow alphabetically.
