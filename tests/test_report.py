@@ -202,6 +202,7 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
     result = CliRunner().invoke(main, ["report", str(study.folder)])
     assert result.exit_code == 0, result.output
     page = study.folder / "report.html"
+    assert "4 runs and 4 control runs; methods: kl, kl_dp; 2 students" in page.read_text()
     checked = tmp_path / "checked.html"
     checked.write_text(page.read_text().replace("</body>", CHECK_IMAGES))
     dom = parse(rendered_dom(browser, checked, tmp_path / "profile"))

@@ -211,7 +211,7 @@ def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
     runs = len(data.records) + len(data.multi_teacher)
     epochs = sorted({r.get("epochs") for r in data.records if is_number(r.get("epochs"))})
     summary = (
-        f"{runs} runs; methods: {html.escape(', '.join(data.methods) or '–')}; {len(data.students)} students; "
+        f"{runs} runs" + (f" and {len(data.controls)} control runs" if data.controls else "") + f"; methods: {html.escape(', '.join(data.methods) or '–')}; {len(data.students)} students; "
         f"epochs: {', '.join(map(str, epochs)) or '–'}; evaluation samples per number (n_eval): {data.n_eval}. "
         "All numbers are percent of the evaluation set; on small sets a few tenths of a point are noise."
     )
