@@ -159,3 +159,46 @@ def test_a_resumed_guarded_run_returns_what_an_uninterrupted_one_does(tiny_data,
         assert resumed.metrics[key] == whole.metrics[key]
     assert [r["guard_acc"] for r in resumed.history] == [r["guard_acc"] for r in whole.history]
     assert states_equal(resumed.student, whole.student)
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from ktransfer.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_guard_on_fashion_mnist_scores_on_its_validation_split(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import read_records
+
+    out = tmp_path / "run"
+    result = cli("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl_dp", "--epochs", "2", "--lr", "1e-3", "--guard", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert record["guard_source"] == "val_data" and record["guard_size"] == 200 and record["n_transfer"] == 100
+    assert all("guard_acc" in epoch for epoch in record["history"]) and "last_epoch" in record
+    assert "guard (val_data, 200 images): kept" in result.output and "weak guard" not in result.output
+
+
+def test_cli_guard_holds_out_transfer_data_when_it_trains_on_the_validation_split(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import read_records
+
+    out = tmp_path / "run"
+    result = cli("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--epochs", "1", "--guard", "--guard-holdout", "0.2", "--transfer-data", "fashion-mnist:validation", "--eval-data", "fashion-mnist:test", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert record["guard_source"] == "holdout" and record["guard_size"] == 40 and record["n_transfer"] == 160 and record["guard_holdout"] == 0.2
+    assert "weak guard" in result.output
+
+
+def test_cli_guard_options_are_checked(small_fashion_mnist, tiny_zoo, tmp_path):
+    out = tmp_path / "run"
+    base = ("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--out", out, "--data-dir", small_fashion_mnist)
+    for extra, message in (
+        (("--val-data", "fashion-mnist:validation"), "add --guard"),
+        (("--guard", "--val-data", "fashion-mnist:test", "--eval-data", "fashion-mnist:test", "--transfer-data", "fashion-mnist:transfer"), "is the evaluation data"),
+        (("--guard", "--guard-holdout", "0.2"), "leave out one of them"),
+    ):
+        result = cli(*base, *extra)
+        assert result.exit_code != 0 and message in result.output, result.output
