@@ -202,3 +202,33 @@ def test_cli_guard_options_are_checked(small_fashion_mnist, tiny_zoo, tmp_path):
     ):
         result = cli(*base, *extra)
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_demo_guard_scores_on_the_validation_split_and_reuses_only_guarded_runs(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import read_records
+
+    out = tmp_path / "demo"
+    args = ["demo", "--students", "cnn", "--teachers", "mlp", "--methods", "kl_dp", "--epochs", "2", "--out", out, "--data-dir", small_fashion_mnist]
+    plain = cli(*args)
+    assert plain.exit_code == 0, plain.output
+    guarded = cli(*args, "--guard")
+    assert guarded.exit_code == 0, guarded.output
+    assert "reused" not in guarded.output  # a guarded run is not the unguarded one
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 3 and {r["method"] for r in records} == {"ce", "self", "kl_dp"}
+    for record in records:  # the controls are guarded too, so the comparisons stay like with like
+        assert record["guard_source"] == "val_data" and record["guard_size"] == 200 and 0 <= record["guard_epoch"] <= 2
+    assert "guard: " in guarded.output
+    again = cli(*args, "--guard")
+    assert again.exit_code == 0 and "reused 3 finished runs" in again.output
+
+
+def test_demo_guard_in_the_new_data_setting_holds_out_a_share(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import read_records
+
+    out = tmp_path / "new"
+    result = cli("demo", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--guard", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(out / "results.jsonl")
+    assert record["guard_source"] == "holdout" and record["guard_size"] == 20 and record["n_transfer"] == 180
+    assert record["transfer_data"] == "fashion-mnist/validation"

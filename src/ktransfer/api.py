@@ -235,7 +235,8 @@ def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, s
     if not 1 <= size < len(transfer_set):
         raise ConfigError(f"a {holdout:.0%} guard holdout of {len(transfer_set)} transfer images leaves none to hold out or none to train on; give val_data or change guard_holdout")
     held_out, kept = stratified_split(transfer_set.labels, size, seed)
-    return transfer_set.subset(kept, f"{transfer_set.name} (guard holdout removed)"), transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)"), "holdout"
+    # The trained part keeps the data's name: the record's guard fields say what was held out.
+    return transfer_set.subset(kept, transfer_set.name), transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)"), "holdout"
 
 
 def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
