@@ -232,3 +232,13 @@ def test_demo_guard_in_the_new_data_setting_holds_out_a_share(small_fashion_mnis
     (record,) = read_records(out / "results.jsonl")
     assert record["guard_source"] == "holdout" and record["guard_size"] == 20 and record["n_transfer"] == 180
     assert record["transfer_data"] == "fashion-mnist/validation"
+
+
+def test_cli_guard_with_controls_guards_them_too(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.results import read_records
+
+    out = tmp_path / "run"
+    result = cli("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--method", "kl", "--epochs", "1", "--lr", "1e-2", "--guard", "--controls", "--out", out, "--data-dir", small_fashion_mnist)
+    assert result.exit_code == 0, result.output
+    records = read_records(out / "results.jsonl")
+    assert [r["method"] for r in records] == ["ce", "self", "kl"] and all(r["guard_source"] == "val_data" for r in records)

@@ -94,6 +94,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     cache = PredictionCache()
     settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache)
+    if guard:  # in the settings, so that --controls are guarded alike
+        settings.update(guard=True, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1)
     saved = {}
 
     def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them
@@ -114,7 +116,6 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
             student_model, teacher_model, transfer_set, eval_set, method=method_obj, on_epoch=on_epoch, **settings,
             checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes if checkpoint_minutes is not None else 10.0,
             keep_checkpoints=keep_checkpoints, on_result=save_outputs, log=log,
-            guard=guard, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1,
         )
     except RunFinishedError as finished:
         click.echo(f"Nothing to do: {finished}")
