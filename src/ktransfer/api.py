@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoints import CheckpointStore
-from .data.base import ImageData, as_image_data
+from .data.base import ImageData, as_image_data, stratified_split
 from .engine import Engine, Evaluator, TrainConfig
 from .errors import ConfigError, ModelError
 from .methods import create_method
@@ -144,6 +144,9 @@ def transfer(
     keep_checkpoints: bool = False,
     on_result: Callable[[TransferResult], None] | None = None,
     log: Callable[[str], None] | None = None,
+    guard: bool = False,
+    val_data=None,
+    guard_holdout: float = 0.1,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -188,7 +191,13 @@ def transfer(
     targets = resolve_targets(targets, augment)
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
-    check_compatible(student_model, teachers, transfer_set, eval_set)
+    transfer_set, guard_set, guard_source = guard_data(guard, val_data, guard_holdout, transfer_set, seed, class_names)
+    check_compatible(student_model, teachers, transfer_set, eval_set, *([guard_set] if guard_set is not None else []))
+    if guard_source == "holdout":
+        (log or _log_line)(
+            f"Warning: the guard scores on {len(guard_set):,} transfer images held out of training ({guard_holdout:.0%}); "
+            f"where the transfer data is the student's own training data this is a weak guard: give val_data (--val-data) the student never saw"
+        )
     config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment)
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
@@ -197,17 +206,37 @@ def transfer(
         raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
     if checkpoint_dir is not None:
         settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config)
+        if guard_set is not None:  # a checkpoint carries the guard's best so far: resumed only with the same guard
+            settings["guard"] = {"source": guard_source, "holdout": guard_holdout if guard_source == "holdout" else None, "data": guard_set.fingerprint()}
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
         checkpoints.check()  # a finished run or another configuration's folder: refused before any work
 
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
     with kept_as_given(student_model, *teachers):
-        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints)
+        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout)
     if on_result is not None:
         on_result(result)
     if checkpoints is not None:
         checkpoints.finish(keep=keep_checkpoints)
     return result
+
+
+def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, seed: int, class_names=None) -> tuple[ImageData, ImageData | None, str | None]:
+    """The data the student trains on, the guard's held-out data and where that came from ("val_data" or "holdout")."""
+    if not guard:
+        if val_data is not None:
+            raise ConfigError("val_data is the guard's held-out data: pass guard=True (--guard) with it, or leave it out")
+        return transfer_set, None, None
+    if val_data is not None:
+        return transfer_set, as_image_data(val_data, "validation data", class_names), "val_data"
+    if not 0 < holdout < 1:
+        raise ConfigError(f"guard_holdout is the share of the transfer data held out for the guard and must lie in (0, 1); got {holdout}")
+    size = round(holdout * len(transfer_set))
+    if not 1 <= size < len(transfer_set):
+        raise ConfigError(f"a {holdout:.0%} guard holdout of {len(transfer_set)} transfer images leaves none to hold out or none to train on; give val_data or change guard_holdout")
+    held_out, kept = stratified_split(transfer_set.labels, size, seed)
+    # The trained part keeps the data's name: the record's guard fields say what was held out.
+    return transfer_set.subset(kept, transfer_set.name), transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)"), "holdout"
 
 
 def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
@@ -229,7 +258,7 @@ def _log_line(line: str) -> None:
     (logger.warning if line.startswith("Warning") else logger.info)(line)
 
 
-def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None) -> TransferResult:
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
@@ -246,9 +275,20 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
-    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints)
+    guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device) if guard_set is not None else None
+    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard)
     history = engine.run()
     final = history[-1]
+    guard_record = {}
+    if guard is not None:
+        best = engine.state.guard
+        guard_epoch = engine.restore_best()
+        guard_record = {"guard_epoch": guard_epoch, "guard_acc_before": best["acc_before"], "guard_acc_after": best["acc"], "guard_source": guard_source, "guard_size": len(guard_set)}
+        if guard_source == "holdout":
+            guard_record["guard_holdout"] = guard_holdout
+        guard_record["last_epoch"] = {k: final[k] for k in ("acc_after", "delta", "knowledge_gain", "knowledge_loss", "p_value")}
+        if guard_epoch != config.epochs:
+            final = {**final, **engine.evaluate()}  # the returned student's evaluation-set numbers
     if evaluator.last_predictions is None:  # resumed from the last epoch's checkpoint: nothing left to train
         engine.evaluate()
     result_module = method.eval_module(trained.module)
@@ -275,6 +315,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "n_transfer": len(transfer_set),
         "transfer_data": transfer_set.name,
         "eval_data": eval_set.name,
+        **guard_record,
         "seconds": time.perf_counter() - started,
         "version": __version__,
         "history": history,

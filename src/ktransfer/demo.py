@@ -59,6 +59,7 @@ class DemoOptions:
     data_dir: str | None = None
     batch_size: int = 128
     device: str = "cpu"
+    guard: bool = False  # transfers and controls return their best epoch on validation data (docs/guard.md)
 
     def resolve(self) -> "DemoOptions":
         if self.profile not in PROFILES:
@@ -89,6 +90,8 @@ def _run_key(record: dict) -> str:
     """What makes two demo runs the same run: reused from results.jsonl instead of being run again."""
     fields = [record[k] for k in ("student", "teacher", "method", "epochs", "lr", "seed", "transfer_data")]
     fields += [record.get("augment", "none"), bool(record.get("control")), json.dumps(record["hparams"], sort_keys=True)]
+    if record.get("guard_source"):  # only then, so that unguarded runs keep their keys
+        fields.append(record["guard_source"])
     return hashlib.blake2b(json.dumps(fields, default=str).encode(), digest_size=8).hexdigest()
 
 
@@ -140,6 +143,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     runs = [(seed, s, None, c) for seed in options.seeds for s in options.students for c in (CONTROLS if options.controls else ())]
     runs += [(seed, s, t, m) for seed in options.seeds for s, t in pairs for m in options.methods]
     settings = {"epochs": options.epochs, "lr": options.lr, "batch_size": options.batch_size, "device": options.device, "augment": options.augment, "cache": cache}
+    if options.guard:  # the validation split, unless the transfer trains on it (new-data): then a held-out share
+        settings.update(guard=True, val_data=splits.validation if transfer_set is not splits.validation else None)
     records, predictions = [], {}
     reused = 0
     transfer_started = time.perf_counter()
@@ -147,6 +152,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
         overall = progress.add_task("transfers", total=len(runs))
         for seed, student, teacher, method in runs:
             planned = _planned_record(student, teacher, method, options, seed, transfer_set.name)
+            if options.guard:
+                planned["guard_source"] = "holdout" if settings["val_data"] is None else "val_data"
             key = _run_key(planned)
             saved = load_predictions(predictions_dir, key) if key in previous else None
             if saved is not None:
@@ -207,6 +214,8 @@ def _run_line(record: dict) -> str:
         line += f"  vs ce {record['delta_vs_control']:+5.2f}"
     if record.get("delta_vs_self") is not None:
         line += f"  vs self {record['delta_vs_self']:+5.2f}"
+    if "guard_epoch" in record:
+        line += "  guard: " + ("original kept" if record["guard_epoch"] == 0 else f"epoch {record['guard_epoch']}")
     return line + f"  ({record['seconds']:.1f}s)"
 
 

@@ -123,6 +123,8 @@ class TrainState:
     position: int = 0  # batches of the current epoch already trained on
     epoch_start_generator: torch.Tensor | None = None
     epoch_sums: dict = field(default_factory=dict)
+    # The no-regression guard's best so far: epoch (0 = the original), held-out accuracy, weights (CPU).
+    guard: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {
@@ -134,6 +136,7 @@ class TrainState:
             "position": self.position,
             "epoch_start_generator": self.epoch_start_generator,
             "epoch_sums": _to_cpu(self.epoch_sums),
+            "guard": _to_cpu(self.guard),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -143,6 +146,7 @@ class TrainState:
         self.position = state.get("position", 0)
         self.epoch_start_generator = state.get("epoch_start_generator")
         self.epoch_sums = dict(state.get("epoch_sums") or {})
+        self.guard = dict(state.get("guard") or {})
 
 
 def _to_cpu(value):
@@ -174,6 +178,7 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         checkpoints: CheckpointStore | None = None,
+        guard: Evaluator | None = None,
     ):
         config.validate()
         if (method.needs_teacher or method.needs_original) and targets is None:
@@ -192,6 +197,8 @@ class Engine:
             self.fixed = method.fixed_targets(targets.teacher_logits, targets.original_logits, labels)
         self.on_step, self.on_epoch = on_step, on_epoch
         self.checkpoints = checkpoints
+        # Scores the student on held-out data after every epoch; the best state is kept (see keep_best).
+        self.guard = guard
         torch.manual_seed(config.seed)
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
@@ -327,12 +334,31 @@ class Engine:
                 f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN"
             )
 
+    def _evaluated_model(self) -> Model:
+        evaluated = self.method.eval_module(self.student.module)
+        return self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
+
     def evaluate(self) -> dict:
         if self.evaluator is None:
             return {}
-        evaluated = self.method.eval_module(self.student.module)
-        model = self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
-        return self.evaluator(model)
+        return self.evaluator(self._evaluated_model())
+
+    def _guard_score(self, epoch: int) -> float:
+        """Held-out accuracy of the student as evaluated now; the best (earliest on ties) is kept with its weights."""
+        model = self._evaluated_model()
+        accuracy_now = self.guard(model)["acc"]
+        best = self.state.guard
+        if not best or accuracy_now > best["acc"]:
+            best.update(epoch=epoch, acc=accuracy_now, state=_to_cpu(model.module.state_dict()))
+            best.setdefault("acc_before", accuracy_now)
+        return accuracy_now
+
+    def restore_best(self) -> int:
+        """Load the guard's chosen weights into the evaluated module; returns the chosen epoch (0 = the original)."""
+        best = self.state.guard
+        if best["epoch"] != self.state.epoch:
+            self.method.eval_module(self.student.module).load_state_dict(best["state"])
+        return best["epoch"]
 
     def state_dict(self) -> dict:
         """All a run needs to go on where it stopped: the student, the loop, the method and the RNG."""
@@ -375,10 +401,14 @@ class Engine:
         state = self.state
         if self.checkpoints is not None:
             self.resume()
+        if self.guard is not None and not state.guard:
+            self._guard_score(0)  # the original: a checkpoint written later carries its score and weights
         while state.epoch < self.config.epochs:
             started = time.perf_counter()
             record = {"epoch": state.epoch + 1, **self.train_epoch()}
             record.update(self.evaluate())
+            if self.guard is not None:
+                record["guard_acc"] = self._guard_score(state.epoch + 1)
             self.method.on_epoch_end(self.student.module)
             record["seconds"] = time.perf_counter() - started
             state.epoch += 1

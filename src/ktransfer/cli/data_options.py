@@ -62,6 +62,32 @@ def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, tr
     return transfer_set, eval_set
 
 
+def guard_val_spec(val_data: str | None, data_spec: str | None, transfer_data: str | None, eval_data: str | None) -> str | None:
+    """The guard's validation data: --val-data, else Fashion-MNIST's validation split when the data is the
+    embedded Fashion-MNIST and does not train on that split; None: a share of the transfer data is held out."""
+    if val_data is not None:
+        return val_data
+    specs = [spec for spec in (data_spec, transfer_data, eval_data) if spec is not None]
+    if all(spec.startswith("fashion-mnist") for spec in specs) and "fashion-mnist:validation" not in (transfer_data, eval_data):
+        return "fashion-mnist:validation"
+    return None
+
+
+def load_cli_validation(spec: str, models, transfer_set, data_dir=None, *, image_size=None, workers=None, skip_corrupt=False, stream=None, **_):
+    """The guard's validation data from a spec, read like the transfer data and in its label space."""
+    from ..data.sources import materialize, open_split, raw_channels, raw_image_size
+
+    source = open_split(spec, "eval", list(transfer_set.class_names), data_dir)
+    if list(source.class_names) != list(transfer_set.class_names):
+        raise ConfigError(f"--val-data {spec} has other classes than the transfer data; the guard's validation data must share its label space")
+    preprocesses = [model.preprocess for model in models]
+
+    def log(message):
+        click.echo(f"Warning: {message}", err=True)
+
+    return materialize(source, raw_image_size(preprocesses, image_size), raw_channels(preprocesses), workers=workers, skip_corrupt=skip_corrupt, in_memory=None if stream is None else not stream, log=log)
+
+
 def _short(names) -> str:
     names = list(names)
     return ", ".join(names[:4]) + (f", ... ({len(names)} classes)" if len(names) > 4 else "")

@@ -22,8 +22,9 @@ from .options import data_dir_option, parse_seeds, split_list
 @click.option("--teachers", default=None, help="Comma-separated zoo models to use as teachers (default: the whole zoo).")
 @click.option("--multi-teacher", is_flag=True, help="Run the multi-teacher table instead (appendix Table 9): per student, each single teacher's Δ (mean, min, max) beside sequential, parallel and soup transfer from all teachers. Default students cnn,resnet,mixer (quick: cnn,mixer), teachers mlp,convnext,vit; writes multi_teacher.json.")
 @click.option("--device", default="cpu", show_default=True, help="Where transfers run: cpu, cuda, cuda:1, mps. The zoo always trains on the CPU.")
+@click.option("--guard", is_flag=True, help="Every transfer and control returns the best of the original student and each epoch's student on the validation split (a held-out 10% of the transfer data with --setting new-data); see docs/guard.md.")
 @data_dir_option
-def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, augment, students, teachers, data_dir, multi_teacher, device):
+def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, augment, students, teachers, data_dir, multi_teacher, device, guard):
     """Train (or reload) the embedded zoo, measure complementary knowledge, and transfer between every pair.
 
     Shows the paper's finding on Fashion-MNIST, in the paper's setting by default (transfer on data the
@@ -36,9 +37,13 @@ def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, au
 
     options = DemoOptions(
         profile=profile, out=out, methods=split_list(methods) or [], epochs=epochs, seeds=parse_seeds(seeds), **({"lr": lr} if lr is not None else {}),
-        setting=setting, controls=controls, augment=augment, students=split_list(students), teachers=split_list(teachers), data_dir=data_dir, device=device,
+        setting=setting, controls=controls, augment=augment, students=split_list(students), teachers=split_list(teachers), data_dir=data_dir, device=device, guard=guard,
     )
     if multi_teacher:
+        if guard:
+            from ..errors import ConfigError
+
+            raise ConfigError("--guard applies to the single-teacher demo, not yet to --multi-teacher")
         run_multi_teacher_demo(options)
         return
     run_demo(options)

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .data_options import data_options, echo_preprocessing, load_cli_data
+from .data_options import data_options, echo_preprocessing, guard_val_spec, load_cli_data, load_cli_validation
 from .options import data_dir_option, parse_params
 
 
@@ -30,9 +30,12 @@ from .options import data_dir_option, parse_params
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Also checkpoint into OUT/checkpoints every STEPS optimiser steps (one is always written at the end of each epoch). Rerunning the same command resumes from the newest.")
 @click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M", help="Also checkpoint when M minutes have passed since the last checkpoint.  [default: 10]")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep OUT/checkpoints after the run finishes (by default they are removed then).")
+@click.option("--guard", is_flag=True, help="No-regression guard: score the student after every epoch on data it never trained on and keep the best of the original and each epoch's student (see docs/guard.md). Recommended for real use; off by default, as the paper trained.")
+@click.option("--val-data", default=None, metavar="SPEC", help="--guard: the validation data to score on, as --eval-data (default: Fashion-MNIST's validation split for the embedded data, else a held-out share of the transfer data).")
+@click.option("--guard-holdout", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, metavar="FRACTION", help="--guard without validation data: the stratified share of the transfer data held out of training.  [default: 0.1]")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -65,6 +68,15 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         raise ConfigError("--controls compares a single-teacher transfer with its controls; run the controls with one --teacher, or use 'ktransfer study'")
     if strategy is not None and (checkpoint_every is not None or checkpoint_minutes is not None or keep_checkpoints):
         raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer, not yet to --strategy")
+    if not guard and (val_data is not None or guard_holdout is not None):
+        raise ConfigError("--val-data and --guard-holdout are the guard's: add --guard")
+    if guard and strategy is not None:
+        raise ConfigError("--guard applies to a single transfer, not yet to --strategy")
+    val_spec = guard_val_spec(val_data, data["data_spec"], data["transfer_data"], data["eval_data"]) if guard else None
+    if val_spec is not None and val_spec == data["eval_data"]:
+        raise ConfigError(f"--val-data {val_spec} is the evaluation data; the guard must choose on other data, or the evaluation would be biased")
+    if val_spec is not None and guard_holdout is not None:
+        raise ConfigError(f"--guard-holdout holds out transfer data, but the guard scores on {val_spec}; leave out one of them")
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
@@ -72,14 +84,18 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     if strategy is not None:
         settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, order=order, recalibrate_bn=recalibrate_bn, device=device)
         return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
+    val_set = load_cli_validation(val_spec, [student_model, *teacher_models], transfer_set, data_dir, **data) if val_spec is not None else None
     click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{', augmented' if augment != 'none' else ''}), evaluated on {len(eval_set):,}")
     echo_preprocessing([student_model, teacher_model])
 
     def on_epoch(record):
-        click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)")
+        guarded = f"  guard acc {record['guard_acc']:.2f}" if "guard_acc" in record else ""
+        click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}{guarded}  ({record['seconds']:.1f}s)")
 
     cache = PredictionCache()
     settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache)
+    if guard:  # in the settings, so that --controls are guarded alike
+        settings.update(guard=True, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1)
     saved = {}
 
     def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them
@@ -106,6 +122,10 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         return
     m = result.metrics
     keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
+    if guard:
+        kept = "the original student" if m["guard_epoch"] == 0 else f"epoch {m['guard_epoch']}"
+        click.echo(f"guard ({m['guard_source']}, {m['guard_size']:,} images): kept {kept}; accuracy there {m['guard_acc_before']:.2f} → {m['guard_acc_after']:.2f}; the last epoch's Δ was {m['last_epoch']['delta']:+.2f}")
+        keys = (*keys, "guard_epoch", "guard_source")
     click.echo(json.dumps({k: m[k] for k in keys if k in m}))
     click.echo(f"student saved to {saved['weights']}; {saved['records']} record(s) appended to {out / 'results.jsonl'}")
 
