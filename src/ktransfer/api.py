@@ -286,6 +286,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         for teacher, logits in zip(teachers, source.teacher_logits):
             _check_finite_logits(teacher, logits, transfer_set)
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
+    asked_lr = config.lr  # a rollback after a NaN loss halves config.lr; the record keeps both
     engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints)
     history = engine.run()
     final = history[-1]
@@ -304,7 +305,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval", "gain_count", "loss_count", "p_value")},
         "teacher_share": final.get("teacher_share"),
         "epochs": config.epochs,
-        "lr": config.lr,
+        "lr": asked_lr,
         "batch_size": config.batch_size,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
@@ -319,6 +320,8 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "version": __version__,
         "history": history,
     }
+    if engine.state.rollback:  # a NaN or infinite loss was rolled back and retried at half the learning rate
+        metrics.update(engine.state.rollback)
     if len(teachers) > 1:
         metrics["teachers"] = [t.spec or t.name for t in teachers]
     result_module.eval()  # ready for inference, as the models it was evaluated as

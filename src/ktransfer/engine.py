@@ -8,9 +8,10 @@ so a run can be saved and resumed.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -123,6 +124,8 @@ class TrainState:
     position: int = 0  # batches of the current epoch already trained on
     epoch_start_generator: torch.Tensor | None = None
     epoch_sums: dict = field(default_factory=dict)
+    # After a non-finite loss: {"retries": 1, "lr_halved_at_step": N, "final_lr": lr}, see Engine.run.
+    rollback: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {
@@ -134,6 +137,7 @@ class TrainState:
             "position": self.position,
             "epoch_start_generator": self.epoch_start_generator,
             "epoch_sums": _to_cpu(self.epoch_sums),
+            "rollback": dict(self.rollback),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -143,6 +147,7 @@ class TrainState:
         self.position = state.get("position", 0)
         self.epoch_start_generator = state.get("epoch_start_generator")
         self.epoch_sums = dict(state.get("epoch_sums") or {})
+        self.rollback = dict(state.get("rollback") or {})
 
 
 def _to_cpu(value):
@@ -162,6 +167,10 @@ def _to_device(value, device):
     return value
 
 
+class DivergedError(TrainingError):
+    """The loss became NaN or infinite."""
+
+
 class Engine:
     def __init__(
         self,
@@ -178,7 +187,8 @@ class Engine:
         config.validate()
         if (method.needs_teacher or method.needs_original) and targets is None:
             raise ConfigError(f"method {method.name} needs a teacher; none was given")
-        self.student, self.method, self.data, self.config = student, method, data, config
+        # A copy: a rollback after a NaN loss halves this run's learning rate, not the caller's config.
+        self.student, self.method, self.data, self.config = student, method, data, replace(config)
         self.targets, self.evaluator = targets, evaluator
         # With augmentation, the student trains on views framed at its own input size; the
         # frozen models (in the target source) get the same views.
@@ -322,9 +332,11 @@ class Engine:
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         value = float(loss)
         if not math.isfinite(value):
-            raise TrainingError(
+            retried = self.state.rollback
+            again = f"; it had already been rolled back at step {retried['lr_halved_at_step']} and retried with half the learning rate" if retried else ""
+            raise DivergedError(
                 f"{self.method.name}: the loss became {value} at epoch {self.state.epoch + 1} (by step {step}); "
-                f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN"
+                f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN{again}"
             )
 
     def evaluate(self) -> dict:
@@ -351,6 +363,8 @@ class Engine:
         self.student.module.load_state_dict(state["student"])
         self.method.load_state_dict(_to_device(state["method"], device))
         self.state.load_state_dict(state["loop"])
+        if self.state.rollback:  # a run that was rolled back goes on at its halved learning rate
+            self.config.lr = self.state.rollback["final_lr"]
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(device))
@@ -377,7 +391,16 @@ class Engine:
             self.resume()
         while state.epoch < self.config.epochs:
             started = time.perf_counter()
-            record = {"epoch": state.epoch + 1, **self.train_epoch()}
+            # The last good state in memory, for a rollback when no checkpoint has been written yet.
+            good = copy.deepcopy(self.state_dict())
+            try:
+                train = self.train_epoch()
+            except DivergedError:
+                if state.rollback:
+                    raise
+                self._roll_back(good)
+                continue
+            record = {"epoch": state.epoch + 1, **train}
             record.update(self.evaluate())
             self.method.on_epoch_end(self.student.module)
             record["seconds"] = time.perf_counter() - started
@@ -388,6 +411,18 @@ class Engine:
             if self.on_epoch is not None:
                 self.on_epoch(record)
         return state.history
+
+    def _roll_back(self, good: dict) -> None:
+        """After a NaN or infinite loss: back to the last good checkpoint (or the epoch's start), once, at half the learning rate."""
+        failed_at = self.state.step
+        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        self.load_state_dict(checkpoint["state"] if checkpoint is not None else good)
+        self.config.lr /= 2
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(self.state.step, self.steps_per_epoch * self.config.epochs) if self.config.schedule != "constant" else self.config.lr
+        self.state.rollback = {"retries": 1, "lr_halved_at_step": failed_at, "resumed_from_step": self.state.step, "final_lr": self.config.lr}
+        if self.checkpoints is not None:
+            self.checkpoints.log(f"Warning: {self.method.name}: the loss became NaN or infinite by step {failed_at}; rolled back to step {self.state.step} and retrying with half the learning rate ({self.config.lr:g})")
 
     def config_dict(self) -> dict:
         return asdict(self.config)
