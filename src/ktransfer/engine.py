@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -171,6 +174,14 @@ class DivergedError(TrainingError):
     """The loss became NaN or infinite."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run with checkpoints: the step in progress finished and a checkpoint was written."""
+
+    def __init__(self, path, where: str):
+        super().__init__(f"interrupted at {where}; checkpoint {path}")
+        self.path, self.where = path, where
+
+
 class Engine:
     def __init__(
         self,
@@ -202,6 +213,7 @@ class Engine:
             self.fixed = method.fixed_targets(targets.teacher_logits, targets.original_logits, labels)
         self.on_step, self.on_epoch = on_step, on_epoch
         self.checkpoints = checkpoints
+        self._interrupted = False
         torch.manual_seed(config.seed)
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
@@ -324,6 +336,11 @@ class Engine:
                 self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(state.step, self.steps_per_epoch * config.epochs)
+            if self._interrupted:  # Ctrl-C: at this batch boundary the state is whole, so it is saved
+                state.epoch_sums = {"loss": loss_sum, "stats": stat_sums, "batches": batches}
+                self._check_finite(loss_sum, state.step)
+                path = self.save_checkpoint()
+                raise Interrupted(path, self.checkpoint_where())
         self._check_finite(loss_sum, state.step)
         state.position, state.epoch_sums = 0, {}
         batches = max(batches, 1)
@@ -369,13 +386,35 @@ class Engine:
         if "cuda" in state["rng"] and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(device))
 
-    def save_checkpoint(self):
+    def checkpoint_where(self) -> str:
         state = self.state
         if state.position:
-            where = f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
-        else:
-            where = f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
-        return self.checkpoints.save(self.state_dict(), state.step, where)
+            return f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
+        return f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
+
+    def save_checkpoint(self):
+        return self.checkpoints.save(self.state_dict(), self.state.step, self.checkpoint_where())
+
+    @contextmanager
+    def _stopping_at_a_step_on_ctrl_c(self):
+        """With checkpoints, in the main thread: Ctrl-C finishes the step in progress, writes a checkpoint and
+        raises :class:`Interrupted`; a second Ctrl-C stops at once."""
+        self._interrupted = False
+        if self.checkpoints is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupt(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.getsignal(signal.SIGINT)
+        previous = previous if previous is not None else signal.default_int_handler  # None: set outside Python
+        signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint, if there is one; True if one was loaded."""
@@ -386,6 +425,10 @@ class Engine:
         return True
 
     def run(self) -> list[dict]:
+        with self._stopping_at_a_step_on_ctrl_c():
+            return self._run()
+
+    def _run(self) -> list[dict]:
         state = self.state
         if self.checkpoints is not None:
             self.resume()
