@@ -170,10 +170,6 @@ def _to_device(value, device):
     return value
 
 
-class DivergedError(TrainingError):
-    """The loss became NaN or infinite."""
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run with checkpoints: the step in progress finished and a checkpoint was written."""
 
@@ -351,10 +347,12 @@ class Engine:
         if not math.isfinite(value):
             retried = self.state.rollback
             again = f"; it had already been rolled back at step {retried['lr_halved_at_step']} and retried with half the learning rate" if retried else ""
-            raise DivergedError(
+            error = TrainingError(
                 f"{self.method.name}: the loss became {value} at epoch {self.state.epoch + 1} (by step {step}); "
                 f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN{again}"
             )
+            error.loss_not_finite = True  # what Engine.run rolls back from (any other TrainingError ends the run)
+            raise error
 
     def evaluate(self) -> dict:
         if self.evaluator is None:
@@ -438,8 +436,8 @@ class Engine:
             good = copy.deepcopy(self.state_dict())
             try:
                 train = self.train_epoch()
-            except DivergedError:
-                if state.rollback:
+            except TrainingError as error:
+                if state.rollback or not getattr(error, "loss_not_finite", False):
                     raise
                 self._roll_back(good)
                 continue
