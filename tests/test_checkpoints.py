@@ -227,3 +227,45 @@ def test_a_crd_checkpoint_holds_its_heads_their_optimiser_state_and_its_memory(t
     assert len(optimiser["state"]) == student_parameters + 4  # the heads' weights and biases have momentum too
     assert all("momentum_buffer" in entry for entry in optimiser["state"].values())
     assert state["loop"]["position"] == 2 and state["loop"]["step"] == 2 and state["loop"]["epoch"] == 0
+
+
+# A `ktransfer transfer` process whose steps slow down once a chosen checkpoint exists, so that the test
+# can press Ctrl-C (SIGINT) in the middle of an epoch; the step in progress runs to its end.
+SLOW_LAUNCHER = LAUNCHER.replace('time.sleep(600)  # mid-step, mid-epoch: the test kills the process here', 'time.sleep(0.2)')
+
+
+def test_ctrl_c_writes_a_checkpoint_and_the_same_command_resumes_to_the_same_weights(small_fashion_mnist, tiny_zoo, tmp_path):
+    assert SLOW_LAUNCHER != LAUNCHER
+    reference = tmp_path / "reference"
+    assert run(*transfer_args("kl_dp", reference, small_fashion_mnist)).exit_code == 0
+
+    out = tmp_path / "interrupted"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(SLOW_LAUNCHER)
+    ready = out / "holding"
+    args = [str(a) for a in transfer_args("kl_dp", out, small_fashion_mnist)]
+    process = subprocess.Popen([sys.executable, str(launcher), str(torch.get_num_threads()), "000000012", str(ready), *args], cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "the transfer did not reach its step 12 checkpoint within a minute"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 130, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("Interrupted at epoch 2 of 2, batch ") and "To resume, run the same command again." in last and "Traceback" not in output
+    written = last.split("checkpoint written to ")[1].split(". To resume")[0]
+    assert os.path.exists(written) and not written.endswith("step000000012.pt")  # a new one, at the step it stopped after
+    assert not (out / "results.jsonl").exists()
+
+    resumed = run(*transfer_args("kl_dp", out, small_fashion_mnist))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming from {written}" in resumed.output
+    expected, got = weights(reference), weights(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    (record,) = read_records(out / "results.jsonl")
+    (reference_record,) = read_records(reference / "results.jsonl")
+    assert without_seconds(record["history"]) == without_seconds(reference_record["history"])

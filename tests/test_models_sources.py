@@ -270,3 +270,16 @@ def test_timm_features_are_the_pooled_pre_logits_and_logits_come_from_them(name)
         assert features.shape == pooled.shape and features.ndim == 2
         assert torch.equal(features, pooled)
         assert torch.allclose(logits, module(x), atol=1e-6)
+
+
+def test_weights_of_another_architecture_name_the_file_and_what_differs(user_module, tmp_path):
+    narrow = load_model("usermodels_k6:make?width=4")
+    path = save_checkpoint(narrow, tmp_path / "narrow.safetensors")
+    with pytest.raises(ModelError, match=r"weights in .*narrow.safetensors .*do not fit TinyNet \(.* of another shape: body.0.weight is \[4, 3, 3, 3\] in the file, \[8, 3, 3, 3\] in the model") as caught:
+        load_model(f"usermodels_k6:make?width=8&file={path}")
+    assert "\n" not in str(caught.value) and "check that the spec names the architecture" in str(caught.value)
+    torch.save({**narrow.module.state_dict(), "extra.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    with pytest.raises(ModelError, match=r"extra.pt .*do not fit TinyNet \(1 unexpected: extra.weight\)"):
+        load_model(f"usermodels_k6:make?width=4&file={tmp_path / 'extra.pt'}")
+    result = CliRunner().invoke(main, ["transfer", "--student", f"usermodels_k6:make?width=8&file={path}", "--teacher", "usermodels_k6:make", "--data", "fashion-mnist", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and result.output.count("\n") == 1 and result.output.startswith("Error: the weights in")

@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data, stratified_split
 from .engine import Engine, Evaluator, TrainConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DataError, ModelError, TrainingError
 from .methods import create_method
 from .methods.base import Method
 from .models.base import Model, as_model
@@ -106,6 +106,8 @@ def check_compatible(student: Model, teachers: Sequence[Model], *datasets: Image
                 f"fit both to the same label space first with 'ktransfer adapt'"
             )
     for data in datasets:
+        if len(data) == 0:
+            raise DataError(f"{data.name} is empty: it holds no samples; give it at least one labelled image")
         if data.num_classes > classes or (len(data) and int(data.labels.max()) >= classes):
             raise ModelError(f"{data.name} has {data.num_classes} classes but the models predict {classes}; fit the models to this data with 'ktransfer adapt'")
         if not getattr(data, "is_images", True):
@@ -258,6 +260,39 @@ def _log_line(line: str) -> None:
     (logger.warning if line.startswith("Warning") else logger.info)(line)
 
 
+@torch.no_grad()
+def probe_models(data: ImageData, models: Sequence[Model], device) -> None:
+    """One eval-mode forward of the first sample through each model, before any training: an input
+    the model cannot take, or a model whose logits are NaN or infinite, is a one-line error naming it."""
+    _, images, _ = next(iter(data.batches(torch.arange(1), 1)))
+    images = images.to(device)
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise DataError(f"{data.name} holds NaN or infinite pixel values (its first sample has some); clean the images before transferring on them")
+    for model in models:
+        was_training = model.module.training
+        model.module.eval()
+        try:
+            logits = model.logits(images)
+        except Exception as exc:  # noqa: BLE001 - whatever the module raises, the cause is its input
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"{model.name} cannot take the images of {data.name} (one sample of shape {tuple(images.shape)}): {reason}; "
+                f"resize the images to the size the model expects, or give the model a Preprocess that does"
+            ) from exc
+        finally:
+            model.module.train(was_training)
+        _check_finite_logits(model, logits, data)
+
+
+def _check_finite_logits(model: Model, logits: torch.Tensor, data: ImageData) -> None:
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bool(bad.any()):
+        raise ModelError(
+            f"{model.name} gives NaN or infinite logits on {int(bad.sum())} of {len(bad)} samples of {data.name} checked; "
+            f"check its weights (load them again) and its preprocessing before transferring from it"
+        )
+
+
 def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
@@ -267,6 +302,8 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     for model in (original, *teachers):
         model.module.to(device)
 
+    for data in (transfer_set, eval_set):
+        probe_models(data, [student_model, *teachers], device)
     before = cache.predictions(original, eval_set, device=device)
     teacher_eval = cache.predictions(teachers[0], eval_set, device=device)
     needs_original = method.needs_original
@@ -274,7 +311,11 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         source = CachedTargets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, cache, device)
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
+    if isinstance(source, CachedTargets) and source.teacher_logits is not None:
+        for teacher, logits in zip(teachers, source.teacher_logits):
+            _check_finite_logits(teacher, logits, transfer_set)
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
+    asked_lr = config.lr  # a rollback after a NaN loss halves config.lr; the record keeps both
     guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device) if guard_set is not None else None
     engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard)
     history = engine.run()
@@ -304,7 +345,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval", "gain_count", "loss_count", "p_value")},
         "teacher_share": final.get("teacher_share"),
         "epochs": config.epochs,
-        "lr": config.lr,
+        "lr": asked_lr,
         "batch_size": config.batch_size,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
@@ -320,6 +361,8 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "version": __version__,
         "history": history,
     }
+    if engine.state.rollback:  # a NaN or infinite loss was rolled back and retried at half the learning rate
+        metrics.update(engine.state.rollback)
     if len(teachers) > 1:
         metrics["teachers"] = [t.spec or t.name for t in teachers]
     result_module.eval()  # ready for inference, as the models it was evaluated as

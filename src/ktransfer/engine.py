@@ -8,9 +8,13 @@ so a run can be saved and resumed.
 
 from __future__ import annotations
 
+import copy
 import math
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -125,6 +129,8 @@ class TrainState:
     epoch_sums: dict = field(default_factory=dict)
     # The no-regression guard's best so far: epoch (0 = the original), held-out accuracy, weights (CPU).
     guard: dict = field(default_factory=dict)
+    # After a non-finite loss: {"retries": 1, "lr_halved_at_step": N, "final_lr": lr}, see Engine.run.
+    rollback: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {
@@ -137,6 +143,7 @@ class TrainState:
             "epoch_start_generator": self.epoch_start_generator,
             "epoch_sums": _to_cpu(self.epoch_sums),
             "guard": _to_cpu(self.guard),
+            "rollback": dict(self.rollback),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -147,6 +154,7 @@ class TrainState:
         self.epoch_start_generator = state.get("epoch_start_generator")
         self.epoch_sums = dict(state.get("epoch_sums") or {})
         self.guard = dict(state.get("guard") or {})
+        self.rollback = dict(state.get("rollback") or {})
 
 
 def _to_cpu(value):
@@ -166,6 +174,14 @@ def _to_device(value, device):
     return value
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run with checkpoints: the step in progress finished and a checkpoint was written."""
+
+    def __init__(self, path, where: str):
+        super().__init__(f"interrupted at {where}; checkpoint {path}")
+        self.path, self.where = path, where
+
+
 class Engine:
     def __init__(
         self,
@@ -183,7 +199,8 @@ class Engine:
         config.validate()
         if (method.needs_teacher or method.needs_original) and targets is None:
             raise ConfigError(f"method {method.name} needs a teacher; none was given")
-        self.student, self.method, self.data, self.config = student, method, data, config
+        # A copy: a rollback after a NaN loss halves this run's learning rate, not the caller's config.
+        self.student, self.method, self.data, self.config = student, method, data, replace(config)
         self.targets, self.evaluator = targets, evaluator
         # With augmentation, the student trains on views framed at its own input size; the
         # frozen models (in the target source) get the same views.
@@ -199,6 +216,7 @@ class Engine:
         self.checkpoints = checkpoints
         # Scores the student on held-out data after every epoch; the best state is kept (see keep_best).
         self.guard = guard
+        self._interrupted = False
         torch.manual_seed(config.seed)
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
@@ -321,6 +339,11 @@ class Engine:
                 self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(state.step, self.steps_per_epoch * config.epochs)
+            if self._interrupted:  # Ctrl-C: at this batch boundary the state is whole, so it is saved
+                state.epoch_sums = {"loss": loss_sum, "stats": stat_sums, "batches": batches}
+                self._check_finite(loss_sum, state.step)
+                path = self.save_checkpoint()
+                raise Interrupted(path, self.checkpoint_where())
         self._check_finite(loss_sum, state.step)
         state.position, state.epoch_sums = 0, {}
         batches = max(batches, 1)
@@ -329,10 +352,14 @@ class Engine:
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         value = float(loss)
         if not math.isfinite(value):
-            raise TrainingError(
+            retried = self.state.rollback
+            again = f"; it had already been rolled back at step {retried['lr_halved_at_step']} and retried with half the learning rate" if retried else ""
+            error = TrainingError(
                 f"{self.method.name}: the loss became {value} at epoch {self.state.epoch + 1} (by step {step}); "
-                f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN"
+                f"lower the learning rate (now {self.config.lr}) or check the inputs for NaN{again}"
             )
+            error.loss_not_finite = True  # what Engine.run rolls back from (any other TrainingError ends the run)
+            raise error
 
     def _evaluated_model(self) -> Model:
         evaluated = self.method.eval_module(self.student.module)
@@ -377,17 +404,41 @@ class Engine:
         self.student.module.load_state_dict(state["student"])
         self.method.load_state_dict(_to_device(state["method"], device))
         self.state.load_state_dict(state["loop"])
+        if self.state.rollback:  # a run that was rolled back goes on at its halved learning rate
+            self.config.lr = self.state.rollback["final_lr"]
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], torch.device(device))
 
-    def save_checkpoint(self):
+    def checkpoint_where(self) -> str:
         state = self.state
         if state.position:
-            where = f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
-        else:
-            where = f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
-        return self.checkpoints.save(self.state_dict(), state.step, where)
+            return f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
+        return f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
+
+    def save_checkpoint(self):
+        return self.checkpoints.save(self.state_dict(), self.state.step, self.checkpoint_where())
+
+    @contextmanager
+    def _stopping_at_a_step_on_ctrl_c(self):
+        """With checkpoints, in the main thread: Ctrl-C finishes the step in progress, writes a checkpoint and
+        raises :class:`Interrupted`; a second Ctrl-C stops at once."""
+        self._interrupted = False
+        if self.checkpoints is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupt(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.getsignal(signal.SIGINT)
+        previous = previous if previous is not None else signal.default_int_handler  # None: set outside Python
+        signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint, if there is one; True if one was loaded."""
@@ -398,6 +449,10 @@ class Engine:
         return True
 
     def run(self) -> list[dict]:
+        with self._stopping_at_a_step_on_ctrl_c():
+            return self._run()
+
+    def _run(self) -> list[dict]:
         state = self.state
         if self.checkpoints is not None:
             self.resume()
@@ -405,7 +460,16 @@ class Engine:
             self._guard_score(0)  # the original: a checkpoint written later carries its score and weights
         while state.epoch < self.config.epochs:
             started = time.perf_counter()
-            record = {"epoch": state.epoch + 1, **self.train_epoch()}
+            # The last good state in memory, for a rollback when no checkpoint has been written yet.
+            good = copy.deepcopy(self.state_dict())
+            try:
+                train = self.train_epoch()
+            except TrainingError as error:
+                if state.rollback or not getattr(error, "loss_not_finite", False):
+                    raise
+                self._roll_back(good)
+                continue
+            record = {"epoch": state.epoch + 1, **train}
             record.update(self.evaluate())
             if self.guard is not None:
                 record["guard_acc"] = self._guard_score(state.epoch + 1)
@@ -418,6 +482,18 @@ class Engine:
             if self.on_epoch is not None:
                 self.on_epoch(record)
         return state.history
+
+    def _roll_back(self, good: dict) -> None:
+        """After a NaN or infinite loss: back to the last good checkpoint (or the epoch's start), once, at half the learning rate."""
+        failed_at = self.state.step
+        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        self.load_state_dict(checkpoint["state"] if checkpoint is not None else good)
+        self.config.lr /= 2
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(self.state.step, self.steps_per_epoch * self.config.epochs) if self.config.schedule != "constant" else self.config.lr
+        self.state.rollback = {"retries": 1, "lr_halved_at_step": failed_at, "resumed_from_step": self.state.step, "final_lr": self.config.lr}
+        if self.checkpoints is not None:
+            self.checkpoints.log(f"Warning: {self.method.name}: the loss became NaN or infinite by step {failed_at}; rolled back to step {self.state.step} and retrying with half the learning rate ({self.config.lr:g})")
 
     def config_dict(self) -> dict:
         return asdict(self.config)

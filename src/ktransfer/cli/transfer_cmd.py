@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -52,7 +53,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     from ..api import transfer
     from ..checkpoints import RunFinishedError
     from ..errors import ConfigError
-    from ..engine import check_device
+    from ..engine import Interrupted, check_device
     from ..methods import create_method
     from ..models import load_model
     from ..predictions import PredictionCache
@@ -120,6 +121,9 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     except RunFinishedError as finished:
         click.echo(f"Nothing to do: {finished}")
         return
+    except Interrupted as stop:
+        click.echo(f"Interrupted at {stop.where}; checkpoint written to {stop.path}. To resume, run the same command again.", err=True)
+        sys.exit(130)  # as a shell reports a program stopped by Ctrl-C
     m = result.metrics
     keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
     if guard:

@@ -81,10 +81,20 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        own_keys, file_keys = set(module.state_dict()), set(state)
-        missing, unexpected = sorted(own_keys - file_keys), sorted(file_keys - own_keys)
-        detail = f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}" if missing or unexpected else str(exc).splitlines()[-1].strip()
+        detail = _state_difference(module.state_dict(), state) or str(exc).splitlines()[-1].strip()
         raise ModelError(f"the weights in {source} do not fit {type(module).__name__} ({detail}); check that the spec names the architecture the weights were trained with") from exc
+
+
+def _state_difference(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """What differs between a module's tensors and a file's, briefly: missing and unexpected names, then shapes."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    reshaped = [f"{key} is {list(given[key].shape)} in the file, {list(own[key].shape)} in the model" for key in own if key in given and given[key].shape != own[key].shape]
+    parts = [f"{len(missing)} missing: {some(missing)}" if missing else "", f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "", f"{len(reshaped)} of another shape: {some(reshaped)}" if reshaped else ""]
+    return "; ".join(part for part in parts if part)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
