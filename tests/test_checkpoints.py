@@ -70,6 +70,17 @@ def without_seconds(history):
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
 
 
+def assert_same_run(reference, out) -> None:
+    """The run in ``out`` saved bit-identical weights and the same history as the uninterrupted one in ``reference``."""
+    expected, got = weights(reference), weights(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    (record,) = read_records(out / "results.jsonl")
+    (reference_record,) = read_records(reference / "results.jsonl")
+    assert without_seconds(record["history"]) == without_seconds(reference_record["history"])
+
+
 @pytest.mark.parametrize("method", ["kl_dp", "xe_kl_mcl", "crd"])
 def test_killed_transfer_resumes_to_bit_identical_weights(method, small_fashion_mnist, tiny_zoo, tmp_path):
     reference = tmp_path / "reference"
@@ -106,13 +117,7 @@ def test_killed_transfer_resumes_to_bit_identical_weights(method, small_fashion_
     resumed = run(*transfer_args(method, out, small_fashion_mnist))
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.output and "step000000012.pt (epoch 2 of 2, batch 2 of 10, step 12)" in resumed.output
-    expected, got = weights(reference), weights(out)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    (record,) = read_records(out / "results.jsonl")
-    (reference_record,) = read_records(reference / "results.jsonl")
-    assert without_seconds(record["history"]) == without_seconds(reference_record["history"])
+    assert_same_run(reference, out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finished.json"]
 
     again = run(*transfer_args(method, out, small_fashion_mnist))
@@ -262,10 +267,4 @@ def test_ctrl_c_writes_a_checkpoint_and_the_same_command_resumes_to_the_same_wei
     resumed = run(*transfer_args("kl_dp", out, small_fashion_mnist))
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming from {written}" in resumed.output
-    expected, got = weights(reference), weights(out)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    (record,) = read_records(out / "results.jsonl")
-    (reference_record,) = read_records(reference / "results.jsonl")
-    assert without_seconds(record["history"]) == without_seconds(reference_record["history"])
+    assert_same_run(reference, out)
