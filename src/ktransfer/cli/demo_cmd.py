@@ -10,7 +10,7 @@ from .options import data_dir_option, parse_seeds, split_list
 
 @main.command("demo")
 @click.option("--profile", type=click.Choice(["quick", "full"]), default="full", show_default=True, help="full: all 30 ordered pairs of the six zoo models, 3 epochs; quick: 3 students, 2 epochs (about two and a half minutes on 2 CPU cores, zoo training included).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ktransfer-demo"), show_default=True, help="Output folder for results.jsonl, zoo.json, complementarity.json and summary.json. Rerunning into the same folder reuses finished transfers.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ktransfer-demo"), show_default=True, help="Output folder for results.jsonl, zoo.json, complementarity.json, summary.json and the report. Rerunning into the same folder reuses finished runs (transfers and controls).")
 @click.option("--methods", default="kl,kl_dp", show_default=True, help="Comma-separated method names (see `ktransfer methods`); 'all' stands for every transfer method.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Transfer epochs (default: the profile's).")
 @click.option("--setting", type=click.Choice(["paper", "new-data"]), default="paper", show_default=True, help="paper: transfer on a stratified 20% of the zoo's own training pool (seen data, converged students: fine-tuning adds nothing, so a gain comes from the teacher). new-data: transfer on the 10k training images the zoo never saw, where fine-tuning alone gains and the ce control is the baseline to beat.")
