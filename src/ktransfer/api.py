@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data, stratified_split
 from .engine import Engine, Evaluator, TrainConfig
-from .errors import ConfigError, DataError, ModelError, TrainingError
+from .errors import ConfigError, DataError, ModelError
 from .methods import create_method
 from .methods.base import Method
 from .models.base import Model, as_model
@@ -315,7 +315,6 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         for teacher, logits in zip(teachers, source.teacher_logits):
             _check_finite_logits(teacher, logits, transfer_set)
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
-    asked_lr = config.lr  # a rollback after a NaN loss halves config.lr; the record keeps both
     guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device) if guard_set is not None else None
     engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard)
     history = engine.run()
@@ -345,7 +344,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval", "gain_count", "loss_count", "p_value")},
         "teacher_share": final.get("teacher_share"),
         "epochs": config.epochs,
-        "lr": asked_lr,
+        "lr": config.lr,  # as asked: a rollback after a NaN loss halves the engine's own copy (the record's final_lr)
         "batch_size": config.batch_size,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,

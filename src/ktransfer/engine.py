@@ -490,7 +490,7 @@ class Engine:
         self.load_state_dict(checkpoint["state"] if checkpoint is not None else good)
         self.config.lr /= 2
         for group in self.state.optimizer.param_groups:
-            group["lr"] = self.config.lr_at(self.state.step, self.steps_per_epoch * self.config.epochs) if self.config.schedule != "constant" else self.config.lr
+            group["lr"] = self.config.lr_at(self.state.step, self.steps_per_epoch * self.config.epochs)
         self.state.rollback = {"retries": 1, "lr_halved_at_step": failed_at, "resumed_from_step": self.state.step, "final_lr": self.config.lr}
         if self.checkpoints is not None:
             self.checkpoints.log(f"Warning: {self.method.name}: the loss became NaN or infinite by step {failed_at}; rolled back to step {self.state.step} and retrying with half the learning rate ({self.config.lr:g})")

@@ -7,6 +7,7 @@ import html
 import time
 
 from .. import __version__
+from ..results import ALPHA, summarize, summarize_controls
 from .data import ReportData, is_number, multi_teacher_rows, per_student, short, success_summary
 
 STYLE = """
@@ -60,8 +61,6 @@ def success_table(data: ReportData) -> str:
 
 def significance_table(data: ReportData) -> str:
     """Per method: significance of the Δs and how the transfers compare with the controls of the same setting."""
-    from ..results import ALPHA, summarize
-
     rows = []
     for method, m in summarize(data.records).items():
         versus = [
@@ -81,8 +80,6 @@ def significance_table(data: ReportData) -> str:
 
 
 def controls_table(data: ReportData) -> str:
-    from ..results import summarize_controls
-
     rows = [
         [html.escape(kind), str(c["students"]), str(c["runs"]), _signed(c["mean_delta"]), _signed(c["min_delta"]), _signed(c["max_delta"]),
          str(c["significant_positive"]), str(c["significant_negative"]), html.escape(", ".join(f"{short(k)} {v:+.2f}" for k, v in c["by_student"].items()))]
