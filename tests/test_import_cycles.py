@@ -40,6 +40,8 @@ def top_level_imports(path: Path, modules: set[str]) -> set[str]:
                 if node.module and base in modules:  # `from . import x` names a sibling, not the package
                     found.add(base)
                 found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue  # for type checkers only, never run
             elif isinstance(node, (ast.If, ast.Try)):  # guarded imports run at load time too
                 visit(node.body)
                 visit(getattr(node, "orelse", []))

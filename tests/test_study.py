@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import ktransfer.study as study_module
+import ktransfer.study.executors as study_module  # where the runs call ktransfer.transfer
 from ktransfer.errors import ConfigError, TrainingError
 from ktransfer.study import DB_FILE, Study, StudyConfig, load_records, load_results, stratified_split
 
@@ -61,7 +61,10 @@ def db_rows(folder, phase="study"):
         ({"methods": ["kl", "kl"]}, "listed twice"),
         ({"students": ["cnn"]}, "has no source"),
         ({"students": []}, "'students' is missing"),
-        ({"search": {"holdout": 1.5}}, "strictly between 0 and 1"),
+        ({"search": {"holdout": 1.5}}, r"search.holdout: must be less than 1(\.0)?; got 1.5"),
+        ({"methods": ["kl", {"name": "kl_dp", "lr": -1}]}, r"methods\[1\].lr\[0\]: must be greater than 0"),
+        ({"cpus_per_run": 0}, "cpus_per_run: must be greater than 0"),
+        ({"executor": "slurm"}, "executor: must be local or ray"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "cached or online"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
@@ -258,7 +261,7 @@ def test_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_one_process_per_study_folder(tmp_path):
-    from ktransfer.study import StudyError, _exclusive
+    from ktransfer.study.store import StudyError, _exclusive
 
     study = make_study(tmp_path, tmp_path)
     study.folder.mkdir()
@@ -278,7 +281,7 @@ fashion_mnist.EXPECTED_COUNT.update(train=700, test=200)  # the test's small Fas
 fashion_mnist.POOL_SIZE, fashion_mnist.TRANSFER_SIZE, fashion_mnist.VALIDATION_SIZE = 500, 100, 200
 from ktransfer.models import store
 store.DEFAULT_ZOO = {n: store.ZooRecipe(r.arch, r.seed, private_size=200, epochs=1, lr=r.lr, batch_size=64) for n, r in store.DEFAULT_ZOO.items()}
-import ktransfer.study as study
+import ktransfer.study.executors as study
 pace = float(sys.argv[1])
 if pace:  # hold each run open a moment so the kill lands in the middle of the study
     real = study.transfer
