@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 import signal
 import sqlite3
 import statistics
@@ -348,3 +349,24 @@ def test_killed_study_resumes_with_no_duplicated_and_no_lost_runs(small_fashion_
     lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and len({line["run_key"] for line in lines}) == 4
     assert {(line["student"], line["teacher"], line["method"]) for line in lines} == expected
+
+
+def test_prediction_cache_writers_never_share_a_temporary_file(tmp_path, monkeypatch, tiny_data):
+    # A study's parallel workers may compute the same teacher's logits at once: each writes a file
+    # of its own and renames it into place, so the entry is always one writer's whole file.
+    import ktransfer.predictions as predictions
+    from ktransfer.models.base import Model
+    from ktransfer.models.zoo import ZOO_ARCHITECTURES
+
+    torch.manual_seed(0)
+    model = Model(ZOO_ARCHITECTURES["mlp"][1](), "mlp", family="mlp")
+    written = []
+    real_save = predictions.save_file
+    monkeypatch.setattr(predictions, "save_file", lambda tensors, path: (written.append(Path(path)), real_save(tensors, path))[1])
+    first, second = predictions.PredictionCache(tmp_path), predictions.PredictionCache(tmp_path)
+    logits = first.logits(model, tiny_data[1])
+    (tmp_path / f"{first.key(model, tiny_data[1])}.safetensors").unlink()  # the second writer finds no entry either
+    again = second.logits(model, tiny_data[1])
+    assert len(written) == 2 and written[0] != written[1] and all(str(os.getpid()) in p.name for p in written)
+    assert torch.equal(logits, again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.key(model, tiny_data[1])}.safetensors"]  # no temporary file left
