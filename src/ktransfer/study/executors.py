@@ -117,7 +117,11 @@ def start_ray(address: str | None = None):
     # Local instance: from Ray 2.59 token authentication is on by default, and ray.init() creates and
     # uses the token itself, so nothing needs configuring. An existing cluster with authentication
     # needs its token in RAY_AUTH_TOKEN (or Ray's default token file), as every Ray client does.
-    ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level="warning", log_to_driver=False)
+    quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=False)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(include_dashboard=False, **quiet)  # no dashboard unless asked: a study needs none
     return ray, True
 
 
