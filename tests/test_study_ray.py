@@ -239,3 +239,32 @@ def test_ray_absent_says_which_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without ray gives: ImportError
     with pytest.raises(MissingExtraError, match=r"^running a study on Ray \(--executor ray\) needs ray, which is not installed; run: pip install 'ktransfer\[ray\]'$"):
         start_ray()
+
+
+def test_soup_ingredients_on_ray_give_the_soup_of_one_process(ray_instance, tiny_data, tmp_path):
+    import torch
+
+    from ktransfer.engine import Engine, TrainConfig
+    from ktransfer.methods import create_method
+    from ktransfer.models.base import Model
+    from ktransfer.models.zoo import MLP
+    from ktransfer.multi import transfer_multi
+    from ktransfer.predictions import PredictionCache
+
+    transfer_set, eval_set = tiny_data
+    modules = []
+    for seed, epochs in ((1, 1), (2, 3), (3, 1)):
+        torch.manual_seed(seed)
+        module = MLP(hidden=32)
+        Engine(Model(module, "m"), create_method("ce"), transfer_set.subset(range(40 * seed), f"few{seed}"), TrainConfig(epochs=epochs, lr=0.05, batch_size=64, seed=seed)).run()
+        modules.append(module.eval())
+    student, *teachers = [Model(m, f"m{i}", spec=f"test:m{i}") for i, m in enumerate(modules)]
+    settings = dict(epochs=1, lr=0.02, seed=0, strategy="soup")
+    local_records, ray_records = [], []
+    local = transfer_multi(student, teachers, transfer_set, eval_set, "kl", on_epoch=local_records.append, cache=PredictionCache(tmp_path / "a"), **settings)
+    on_ray = transfer_multi(student, teachers, transfer_set, eval_set, "kl", on_epoch=ray_records.append, cache=PredictionCache(tmp_path / "b"), executor="ray", **settings)
+    for key, value in local.student.state_dict().items():
+        assert torch.equal(value, on_ray.student.state_dict()[key]), key
+    assert on_ray.metrics["acc_after"] == local.metrics["acc_after"] and on_ray.metrics["delta"] == local.metrics["delta"]
+    assert [(r["ingredient"], r["epoch"], r["acc"]) for r in ray_records] == [(r["ingredient"], r["epoch"], r["acc"]) for r in local_records]
+    assert len(ray_records) == 2

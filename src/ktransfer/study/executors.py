@@ -17,7 +17,7 @@ import torch
 
 from ..api import transfer
 from ..controls import run_control
-from ..extras import require
+from ..extras import start_ray as _start_ray
 from ..methods import create_method
 from ..models import load_model
 from ..predictions import PredictionCache
@@ -107,22 +107,7 @@ def _run_in_worker(config: dict, run: RunSpec, device: str) -> RunOutcome:
 
 
 def start_ray(address: str | None = None):
-    """Connect to the Ray cluster at ``address``, or start a local instance sized to this machine (no dashboard).
-
-    Returns the ``ray`` module and whether this call started the connection (then :meth:`RayExecutor.close` ends it).
-    """
-    ray = require("ray", "ray", "running a study on Ray (--executor ray)")
-    if ray.is_initialized():
-        return ray, False
-    # Local instance: from Ray 2.59 token authentication is on by default, and ray.init() creates and
-    # uses the token itself, so nothing needs configuring. An existing cluster with authentication
-    # needs its token in RAY_AUTH_TOKEN (or Ray's default token file), as every Ray client does.
-    quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=False)
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(include_dashboard=False, **quiet)  # no dashboard unless asked: a study needs none
-    return ray, True
+    return _start_ray(address, "running a study on Ray (--executor ray)")
 
 
 class RayExecutor:
