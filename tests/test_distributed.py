@@ -49,6 +49,7 @@ CASES = [
     ("kl_dp-online", "kl_dp", "online", False),
     ("bn-kl_dp", "kl_dp", "cached", True),
     ("bn-mcl", "xe_kl_mcl", "online", True),
+    ("guard-bn-kl", "kl", "cached", True),  # with the no-regression guard (its held-out share scored sharded too)
 ]
 SETTINGS = dict(epochs=2, batch_size=32, lr=0.2, seed=3)
 
@@ -78,6 +79,7 @@ def data():
 SCRIPT = '''
 import json, os, sys
 import ktransfer
+from ktransfer.methods import create_method
 from ddp_cases import CASES, SETTINGS, data, student, teacher
 
 out = sys.argv[1]
@@ -86,7 +88,7 @@ transfer_set, eval_set = data()
 for name, method, targets, bn in CASES:
     calls = {"epochs": 0, "results": 0}
     result = ktransfer.transfer(
-        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS,
+        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"),
         on_epoch=lambda record: calls.__setitem__("epochs", calls["epochs"] + 1),
         on_result=lambda result: calls.__setitem__("results", calls["results"] + 1),
     )
@@ -95,6 +97,26 @@ for name, method, targets, bn in CASES:
     json.dump({"metrics": metrics, "calls": calls}, open(f"{out}/{name}-rank{rank}.json", "w"))
     if rank == 0:
         result.save_student(f"{out}/{name}.safetensors")
+
+# Stopped at step 6 (every process, as a crash would), after rank 0's checkpoint at step 4 (mid-epoch 1 of
+# 7 steps); the same call again resumes there.
+method = create_method("kl")
+
+def crash(student, step):
+    if step == 6:
+        raise RuntimeError("stopped")
+
+method.after_step = crash
+settings = dict(method=method, targets="cached", **SETTINGS, checkpoint_dir=f"{out}/checkpoints", checkpoint_every=4)
+try:
+    ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings)
+except RuntimeError:
+    pass
+lines = []
+settings["method"] = create_method("kl")
+result = ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings, log=lines.append)
+metrics = {k: v for k, v in result.metrics.items() if k != "seconds"}
+json.dump({"metrics": metrics, "log": lines}, open(f"{out}/resumed-rank{rank}.json", "w"))
 '''
 
 
@@ -158,7 +180,7 @@ def test_two_processes_match_one_process(cases, name):
         assert epoch_two["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", [case for case in ("kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl")])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "guard-bn-kl"])
 def test_counts_are_exact_for_the_saved_student(cases, name):
     """Sharded, gathered evaluation on 1001 images (odd: uneven shards) counts each once: the same
     counts as one process gets from the saved weights, batch-norm statistics and MCL's slow weights included."""
@@ -172,6 +194,8 @@ def test_counts_are_exact_for_the_saved_student(cases, name):
     expected = transfer_metrics(eval_set.labels, before, after, teacher)
     for key in ("n_eval", "acc_before", "acc_after", "gain_count", "loss_count", "pos_flips_after", "neg_flips_after", "teacher_acc"):
         assert record[key] == expected[key], key
+    if name.startswith("guard"):
+        assert record["guard_size"] == 20 and 0 <= record["guard_epoch"] <= 2
 
 
 def test_every_rank_returns_the_same_metrics_and_only_rank_0_reports(cases):
@@ -181,6 +205,21 @@ def test_every_rank_returns_the_same_metrics_and_only_rank_0_reports(cases):
         assert zero["metrics"] == one["metrics"]
         assert zero["calls"] == {"epochs": 2, "results": 1}
         assert one["calls"] == {"epochs": 0, "results": 0}
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_rank_0s_checkpoint(cases):
+    module, root = cases
+    uninterrupted = json.loads((root / "kl-cached-rank0.json").read_text())["metrics"]
+    zero, one = (json.loads((root / f"resumed-rank{rank}.json").read_text()) for rank in (0, 1))
+    assert len(zero["log"]) == 1 and zero["log"][0].startswith("resuming from") and "step 4" in zero["log"][0]
+    assert one["log"] == []  # only rank 0 logs
+    for resumed in (zero["metrics"], one["metrics"]):
+        for key in ("acc_after", "gain_count", "loss_count", "pos_flips_after", "neg_flips_after"):
+            assert resumed[key] == uninterrupted[key], key
+        # The first epoch's logged loss adds the sums saved at step 4 (over both processes) to the rest.
+        for epoch_resumed, epoch_uninterrupted in zip(resumed["history"], uninterrupted["history"]):
+            assert epoch_resumed["train_loss"] == pytest.approx(epoch_uninterrupted["train_loss"], rel=1e-6)
+    assert list((root / "checkpoints").glob("*.pt")) == []  # the finished run's checkpoints are removed
 
 
 def test_a_batch_is_shared_out_with_weights_that_make_the_global_mean():
