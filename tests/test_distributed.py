@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ktransfer
-from ktransfer.data.base import ImageData
 from ktransfer.distributed import Ranks, check_distributable
 from ktransfer.errors import ConfigError
 from ktransfer.methods import create_method
@@ -27,7 +26,6 @@ from ktransfer.metrics import transfer_metrics
 from ktransfer.predictions import compute_logits
 from ktransfer.models.base import as_model
 
-from conftest import make_images
 from folder_helpers import write_split_folder
 
 TESTS = Path(__file__).parent
@@ -49,7 +47,8 @@ CASES = [
     ("kl_dp-online", "kl_dp", "online", False),
     ("bn-kl_dp", "kl_dp", "cached", True),
     ("bn-mcl", "xe_kl_mcl", "online", True),
-    ("guard-bn-kl", "kl", "cached", True),  # with the no-regression guard (its held-out share scored sharded too)
+    ("guard-bn-kl", "kl", "cached", True),
+    ("augment-kl_dp", "kl_dp", "online", False),  # the paper's augmentation (each sample's view follows its index): runs, counts exact  # with the no-regression guard (its held-out share scored sharded too)
 ]
 SETTINGS = dict(epochs=2, batch_size=32, lr=0.2, seed=3)
 
@@ -88,7 +87,7 @@ transfer_set, eval_set = data()
 for name, method, targets, bn in CASES:
     calls = {"epochs": 0, "results": 0}
     result = ktransfer.transfer(
-        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"),
+        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"), augment="paper" if name.startswith("augment") else "none",
         on_epoch=lambda record: calls.__setitem__("epochs", calls["epochs"] + 1),
         on_result=lambda result: calls.__setitem__("results", calls["results"] + 1),
     )
@@ -180,7 +179,7 @@ def test_two_processes_match_one_process(cases, name):
         assert epoch_two["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "guard-bn-kl"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "guard-bn-kl", "augment-kl_dp"])
 def test_counts_are_exact_for_the_saved_student(cases, name):
     """Sharded, gathered evaluation on 1001 images (odd: uneven shards) counts each once: the same
     counts as one process gets from the saved weights, batch-norm statistics and MCL's slow weights included."""
