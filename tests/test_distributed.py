@@ -48,25 +48,30 @@ CASES = [
     ("bn-kl_dp", "kl_dp", "cached", True),
     ("bn-mcl", "xe_kl_mcl", "online", True),
     ("guard-bn-kl", "kl", "cached", True),
-    ("augment-kl_dp", "kl_dp", "online", False),  # the paper's augmentation (each sample's view follows its index): runs, counts exact  # with the no-regression guard (its held-out share scored sharded too)
+    ("augment-kl_dp", "kl_dp", "online", False),  # the paper's augmentation: each sample's view follows its index, on any rank  # with the no-regression guard (its held-out share scored sharded too)
 ]
 SETTINGS = dict(epochs=2, batch_size=32, lr=0.2, seed=3)
+HPARAMS = {"bn-mcl": {"slow_momentum": 0.5}}  # slow weights that move within two epochs
 
 
-def student(bn):
-    torch.manual_seed(0)
-    norm = [nn.BatchNorm2d(4)] if bn else []
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *norm, nn.ReLU(), nn.AdaptiveAvgPool2d((14, 1)), nn.Flatten(), nn.Linear(56, 10))
-
-
-def teacher():
-    """Reads the class band of make_images (rows 2c, 2c+1), with a little noise in its weights: mostly right."""
-    torch.manual_seed(1)
+def _reader(known, seed, norm=()):
+    """Reads the class band of make_images (rows 2c, 2c+1, pooled to row c), for the classes it knows."""
+    torch.manual_seed(seed)
     head = nn.Linear(14, 10)
     with torch.no_grad():
         head.weight.mul_(0.5)
-        head.weight[:, :10] += 8 * torch.eye(10)
-    return nn.Sequential(nn.AdaptiveAvgPool2d((14, 1)), nn.Flatten(), head)
+        for c in known:
+            head.weight[c, c] += 8
+    return nn.Sequential(nn.AdaptiveAvgPool2d((14, 1)), nn.Flatten(), *norm, head)
+
+
+def student(bn):
+    """Knows classes 0-5 (60%): the teacher knows 3-9 (70%), so KL forgets 0-2 and KL+DP keeps them."""
+    return _reader(range(0, 6), 0, [nn.BatchNorm1d(14)] if bn else [])
+
+
+def teacher():
+    return _reader(range(3, 10), 1)
 
 
 def data():
@@ -79,7 +84,7 @@ SCRIPT = '''
 import json, os, sys
 import ktransfer
 from ktransfer.methods import create_method
-from ddp_cases import CASES, SETTINGS, data, student, teacher
+from ddp_cases import CASES, HPARAMS, SETTINGS, data, student, teacher
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -87,7 +92,7 @@ transfer_set, eval_set = data()
 for name, method, targets, bn in CASES:
     calls = {"epochs": 0, "results": 0}
     result = ktransfer.transfer(
-        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"), augment="paper" if name.startswith("augment") else "none",
+        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"), augment="paper" if name.startswith("augment") else "none", **HPARAMS.get(name, {}),
         on_epoch=lambda record: calls.__setitem__("epochs", calls["epochs"] + 1),
         on_result=lambda result: calls.__setitem__("results", calls["results"] + 1),
     )
@@ -162,16 +167,17 @@ def _saved_student(module, root: Path, name: str, bn: bool) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "augment-kl_dp"])
 def test_two_processes_match_one_process(cases, name):
     module, root = cases
     _, method, targets, bn = next(case for case in module.CASES if case[0] == name)
     transfer_set, eval_set = module.data()
-    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, distributed=False, **module.SETTINGS)
+    augment = "paper" if name.startswith("augment") else "none"
+    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, augment=augment, distributed=False, **module.SETTINGS)
     two = json.loads((root / f"{name}-rank0.json").read_text())["metrics"]
     assert two["processes"] == 2 and two["batch_size"] == 32 and two["n_eval"] == 1001 and two["targets"] == targets
     # The transfer must have changed the student, or matching would say little.
-    assert alone.metrics["acc_after"] - alone.metrics["acc_before"] > 20
+    assert alone.metrics["acc_after"] - alone.metrics["acc_before"] > 10
     assert abs(two["acc_after"] - alone.metrics["acc_after"]) <= 0.1
     assert abs(two["delta"] - alone.metrics["delta"]) <= 0.1
     assert len(two["history"]) == 2
