@@ -6,7 +6,7 @@ import copy
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +17,7 @@ from torch import nn
 from . import __version__
 from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data, stratified_split
+from .distributed import Ranks, join
 from .engine import Engine, Evaluator, TrainConfig
 from .errors import ConfigError, DataError, ModelError
 from .methods import create_method
@@ -149,6 +150,7 @@ def transfer(
     guard: bool = False,
     val_data=None,
     guard_holdout: float = 0.1,
+    distributed: bool | None = None,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -178,6 +180,14 @@ def transfer(
     before the run is marked finished and its checkpoints are removed (kept with
     ``keep_checkpoints``): save what you need there. ``log`` receives the lines worth showing
     (resuming, a damaged checkpoint passed over); by default they go to the ``ktransfer`` logger.
+
+    ``distributed``: one transfer on the processes torchrun started (see docs/scale.md); left out,
+    it is detected from the environment torchrun sets. The student trains under
+    DistributedDataParallel, each process on its share of every batch (``batch_size`` is the
+    global batch, a multiple of the number of processes); evaluation is sharded and gathered, so
+    the metrics are of the whole evaluation set. Every process returns the same metrics; only
+    rank 0 calls ``on_step``, ``on_epoch``, ``on_result`` and ``log``, and writes checkpoints and
+    the prediction cache. The process group is created if the script has not (and destroyed at exit).
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
@@ -213,13 +223,22 @@ def transfer(
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
         checkpoints.check()  # a finished run or another configuration's folder: refused before any work
 
+    ranks = join(distributed, device)
+    if ranks is not None:
+        config = replace(config, device=ranks.device(config.device))
+        if not ranks.is_main:  # rank 0 alone reports progress and writes
+            on_step = on_epoch = on_result = None
+            if checkpoints is not None:
+                checkpoints.log = lambda line: None
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
     with kept_as_given(student_model, *teachers):
-        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout)
+        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout, ranks)
     if on_result is not None:
         on_result(result)
-    if checkpoints is not None:
+    if checkpoints is not None and (ranks is None or ranks.is_main):
         checkpoints.finish(keep=keep_checkpoints)
+    if ranks is not None:
+        ranks.barrier()  # every process returns once rank 0 has written
     return result
 
 
@@ -293,7 +312,7 @@ def _check_finite_logits(model: Model, logits: torch.Tensor, data: ImageData) ->
         )
 
 
-def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None) -> TransferResult:
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None, ranks: Ranks | None = None) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
@@ -304,19 +323,26 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
 
     for data in (transfer_set, eval_set):
         probe_models(data, [student_model, *teachers], device)
-    before = cache.predictions(original, eval_set, device=device)
-    teacher_eval = cache.predictions(teachers[0], eval_set, device=device)
+    # Under torchrun rank 0 computes the frozen models' outputs (and writes the cache); the others receive them.
+    main = ranks is None or ranks.is_main
+    before, teacher_eval = (cache.predictions(original, eval_set, device=device), cache.predictions(teachers[0], eval_set, device=device)) if main else (None, None)
+    if ranks is not None:
+        before, teacher_eval = ranks.from_main((before, teacher_eval))
     needs_original = method.needs_original
     if targets == "cached" and not method.needs_features:
-        source = CachedTargets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, cache, device)
+        frozen = (teachers if method.needs_teacher else [], original if needs_original else None)
+        source = CachedTargets(*frozen, transfer_set, cache, device) if main else CachedTargets([], None, transfer_set, cache, device)
+        if ranks is not None:
+            logits = ranks.from_main((source.teacher_logits, source.original_logits) if main else None)
+            source.teacher_logits, source.original_logits = (None if x is None else x.to(device) for x in logits)
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
     if isinstance(source, CachedTargets) and source.teacher_logits is not None:
         for teacher, logits in zip(teachers, source.teacher_logits):
             _check_finite_logits(teacher, logits, transfer_set)
-    evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references)
-    guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device) if guard_set is not None else None
-    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard)
+    evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references, ranks=ranks)
+    guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device, ranks=ranks) if guard_set is not None else None
+    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard, ranks)
     history = engine.run()
     final = history[-1]
     guard_record = {}
@@ -364,6 +390,8 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         metrics.update(engine.state.rollback)
     if len(teachers) > 1:
         metrics["teachers"] = [t.spec or t.name for t in teachers]
+    if ranks is not None:  # batch_size above is the global batch, shared out over these processes
+        metrics["processes"] = ranks.world_size
     result_module.eval()  # ready for inference, as the models it was evaluated as
     final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec, feature_layer=trained.feature_layer)
     return TransferResult(result_module, metrics, history, final_model, evaluator.last_predictions)

@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -28,6 +28,9 @@ from .metrics import accuracy, transfer_metrics
 from .models.base import Model
 from .predictions import compute_logits
 from .targets import CachedTargets, TargetSource
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
 
 
 @dataclass
@@ -89,15 +92,25 @@ def check_device(device: str) -> None:
 class Evaluator:
     """Scores a student on the evaluation set against its pre-transfer predictions and the teachers'."""
 
-    def __init__(self, data: ImageData, before: torch.Tensor | None = None, teacher: torch.Tensor | None = None, batch_size: int = 1024, device="cpu", references: dict[str, torch.Tensor] | None = None):
+    def __init__(self, data: ImageData, before: torch.Tensor | None = None, teacher: torch.Tensor | None = None, batch_size: int = 1024, device="cpu", references: dict[str, torch.Tensor] | None = None, ranks: Ranks | None = None):
         self.data, self.before, self.teacher = data, before, teacher
         self.batch_size, self.device = batch_size, device
+        # Under torchrun each rank predicts its share and the predictions are gathered by sample index.
+        self.ranks = ranks
         # Extra students to compare against, by name (sequential transfer: the very first student).
         self.references = dict(references or {})
         self.last_predictions: torch.Tensor | None = None
 
+    def predict(self, student: Model) -> torch.Tensor:
+        """The student's top-1 predictions on the whole evaluation set (each sample once, also under torchrun)."""
+        if self.ranks is None:
+            return compute_logits(student, self.data, self.batch_size, self.device).argmax(1)
+        index = self.ranks.eval_indices(len(self.data))
+        mine = compute_logits(student, self.data.subset(index, self.data.name), self.batch_size, self.device).argmax(1)
+        return self.ranks.gather_by_index(mine, len(self.data))
+
     def __call__(self, student: Model) -> dict:
-        predictions = compute_logits(student, self.data, self.batch_size, self.device).argmax(1)
+        predictions = self.predict(student)
         self.last_predictions = predictions
         if self.before is None:
             return {"acc": accuracy(self.data.labels, predictions), "n_eval": len(self.data)}
@@ -195,8 +208,11 @@ class Engine:
         on_epoch: Callable[[dict], None] | None = None,
         checkpoints: CheckpointStore | None = None,
         guard: Evaluator | None = None,
+        ranks: Ranks | None = None,
     ):
         config.validate()
+        if ranks is not None and config.batch_size % ranks.world_size:
+            raise ConfigError(f"batch size {config.batch_size} must be a multiple of the {ranks.world_size} processes, each of which takes an equal share of every batch")
         if (method.needs_teacher or method.needs_original) and targets is None:
             raise ConfigError(f"method {method.name} needs a teacher; none was given")
         # A copy: a rollback after a NaN loss halves this run's learning rate, not the caller's config.
@@ -221,6 +237,13 @@ class Engine:
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
         extra = method.setup(student.module)
+        # Under torchrun only the student trains wrapped in DDP; the frozen models stay as they are.
+        self.ranks = ranks
+        if ranks is not None:
+            from .distributed import check_distributable
+
+            check_distributable(method, extra)
+            self.trained_model = replace(self.trained_model, module=ranks.wrap(student.module, config.device))
         optimizer = torch.optim.SGD(
             [*student.module.parameters(), *extra], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -291,7 +314,14 @@ class Engine:
         else:
             sums = _to_device(state.epoch_sums, config.device)
             loss_sum, stat_sums, batches = sums["loss"], dict(sums["stats"]), sums["batches"]
-        for index, images, labels in self.data.batches(order, config.batch_size):
+        # Under torchrun: this rank's share of each global batch, and the loss weight that makes
+        # DDP's gradient average the global batch's (see ktransfer.distributed).
+        weights, local_batch_size = None, config.batch_size
+        if self.ranks is not None:
+            order, weights = self.ranks.shard(order, config.batch_size)
+            local_batch_size = config.batch_size // self.ranks.world_size
+        for step_in_epoch, (index, images, labels) in enumerate(self.data.batches(order, local_batch_size)):
+            weight = weights[step_in_epoch] if weights is not None else None
             # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment).
             sample_index = index
             # One copy of the batch's sample indices on the device serves the cached targets, the
@@ -317,6 +347,9 @@ class Engine:
                     fixed={key: value[index] for key, value in self.fixed.items()} if self.fixed is not None else None,
                 )
                 out = method.loss(inputs)
+            if weight is not None:
+                out.loss = out.loss * weight
+                out.stats = {key: value * weight for key, value in out.stats.items()}
             loss_value = out.loss.detach()
             if (state.step + 1) % check_every == 0:
                 self._check_finite(loss_value, state.step + 1)
@@ -333,9 +366,9 @@ class Engine:
                 stat_sums[key] = stat_sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
             batches += 1
             state.position += 1
-            if self.checkpoints is not None and state.position < self.steps_per_epoch and self.checkpoints.due(state.step):
+            if self.checkpoints is not None and state.position < self.steps_per_epoch and self._checkpoint_due():
                 self._check_finite(loss_sum, state.step)  # never checkpoint a run that has diverged
-                state.epoch_sums = {"loss": loss_sum, "stats": stat_sums, "batches": batches}
+                state.epoch_sums = self._summed({"loss": loss_sum, "stats": stat_sums, "batches": batches})
                 self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(state.step, self.steps_per_epoch * config.epochs)
@@ -346,11 +379,29 @@ class Engine:
                 raise Interrupted(path, self.checkpoint_where())
         self._check_finite(loss_sum, state.step)
         state.position, state.epoch_sums = 0, {}
+        if self.ranks is not None:  # each rank's sums are weighted by its share: their sum over ranks / W is the global mean
+            summed = self._summed({"loss": loss_sum, "stats": stat_sums})
+            loss_sum = summed["loss"] / self.ranks.world_size
+            stat_sums = {key: value / self.ranks.world_size for key, value in summed["stats"].items()}
         batches = max(batches, 1)
         return {"train_loss": float(loss_sum) / batches, **{k: float(v) / batches for k, v in stat_sums.items()}}
 
+    def _checkpoint_due(self) -> bool:
+        """Whether a mid-epoch checkpoint is due; under torchrun rank 0's clock decides for every rank."""
+        if self.ranks is None:
+            return self.checkpoints.due(self.state.step)
+        return self.ranks.agree(self.ranks.is_main and self.checkpoints.due(self.state.step))
+
+    def _summed(self, sums: dict) -> dict:
+        """An epoch's running sums over all ranks (as they are in one process); the sums themselves are left alone."""
+        if self.ranks is None:
+            return dict(sums)
+        stats = {key: self.ranks.sum(torch.as_tensor(value, dtype=torch.float32, device=self.config.device)) for key, value in sums["stats"].items()}
+        return {**sums, "loss": self.ranks.sum(sums["loss"]), "stats": stats}
+
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        value = float(loss)
+        # Under torchrun every rank must see the same verdict, or one would roll back alone.
+        value = float(loss) if self.ranks is None else float(self.ranks.sum(loss))
         if not math.isfinite(value):
             retried = self.state.rollback
             again = f"; it had already been rolled back at step {retried['lr_halved_at_step']} and retried with half the learning rate" if retried else ""
@@ -363,6 +414,10 @@ class Engine:
 
     def _evaluated_model(self) -> Model:
         evaluated = self.method.eval_module(self.student.module)
+        if self.ranks is not None:  # every rank evaluates (and rank 0 saves) rank 0's weights and batch-norm statistics
+            self.ranks.sync_module(self.student.module)
+            if evaluated is not self.student.module:
+                self.ranks.sync_module(evaluated)
         return self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
 
     def evaluate(self) -> dict:
@@ -404,6 +459,10 @@ class Engine:
         self.student.module.load_state_dict(state["student"])
         self.method.load_state_dict(_to_device(state["method"], device))
         self.state.load_state_dict(state["loop"])
+        if self.ranks is not None and not self.ranks.is_main and self.state.epoch_sums:
+            # A checkpoint holds the sums over all ranks; counted once, by rank 0.
+            sums = self.state.epoch_sums
+            self.state.epoch_sums = {**sums, "loss": torch.zeros_like(sums["loss"]), "stats": {key: torch.zeros_like(torch.as_tensor(v)) for key, v in sums["stats"].items()}}
         if self.state.rollback:  # a run that was rolled back goes on at its halved learning rate
             self.config.lr = self.state.rollback["final_lr"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -417,6 +476,8 @@ class Engine:
         return f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
 
     def save_checkpoint(self):
+        if self.ranks is not None and not self.ranks.is_main:  # only rank 0 writes
+            return None
         return self.checkpoints.save(self.state_dict(), self.state.step, self.checkpoint_where())
 
     @contextmanager
@@ -424,7 +485,8 @@ class Engine:
         """With checkpoints, in the main thread: Ctrl-C finishes the step in progress, writes a checkpoint and
         raises :class:`Interrupted`; a second Ctrl-C stops at once."""
         self._interrupted = False
-        if self.checkpoints is None or threading.current_thread() is not threading.main_thread():
+        # Under torchrun the ranks would stop at different steps: Ctrl-C stops them, the last checkpoint resumes.
+        if self.checkpoints is None or self.ranks is not None or threading.current_thread() is not threading.main_thread():
             yield
             return
 

@@ -49,9 +49,13 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     A single transfer checkpoints into OUT/checkpoints (every epoch and every 10 minutes by
     default); run the same command again to resume it (see docs/checkpoints.md).
+
+    On several GPUs or processes: torchrun --nproc-per-node 4 -m ktransfer transfer ... --device cuda
+    (one transfer, the student under DistributedDataParallel; rank 0 prints and writes; see docs/scale.md).
     """
     from ..api import transfer
     from ..checkpoints import RunFinishedError
+    from ..distributed import is_main_process, launched_by_torchrun
     from ..errors import ConfigError
     from ..engine import Interrupted, check_device
     from ..methods import create_method
@@ -73,6 +77,10 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         raise ConfigError("--val-data and --guard-holdout are the guard's: add --guard")
     if guard and strategy is not None:
         raise ConfigError("--guard applies to a single transfer, not yet to --strategy")
+    if launched_by_torchrun() and (strategy is not None or controls):
+        raise ConfigError("under torchrun, ktransfer transfer runs one transfer; run --strategy and --controls in one process, or their transfers one by one")
+    # Under torchrun every process runs this command; rank 0 alone prints and writes.
+    echo = click.echo if is_main_process() else (lambda *args, **kwargs: None)
     val_spec = guard_val_spec(val_data, data["data_spec"], data["transfer_data"], data["eval_data"]) if guard else None
     if val_spec is not None and val_spec == data["eval_data"]:
         raise ConfigError(f"--val-data {val_spec} is the evaluation data; the guard must choose on other data, or the evaluation would be biased")
@@ -86,8 +94,9 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, order=order, recalibrate_bn=recalibrate_bn, device=device)
         return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
     val_set = load_cli_validation(val_spec, [student_model, *teacher_models], transfer_set, data_dir, **data) if val_spec is not None else None
-    click.echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{', augmented' if augment != 'none' else ''}), evaluated on {len(eval_set):,}")
-    echo_preprocessing([student_model, teacher_model])
+    echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{', augmented' if augment != 'none' else ''}), evaluated on {len(eval_set):,}")
+    if is_main_process():
+        echo_preprocessing([student_model, teacher_model])
 
     def on_epoch(record):
         guarded = f"  guard acc {record['guard_acc']:.2f}" if "guard_acc" in record else ""
@@ -119,19 +128,21 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
             keep_checkpoints=keep_checkpoints, on_result=save_outputs, log=log,
         )
     except RunFinishedError as finished:
-        click.echo(f"Nothing to do: {finished}")
+        echo(f"Nothing to do: {finished}")
         return
     except Interrupted as stop:
         click.echo(f"Interrupted at {stop.where}; checkpoint written to {stop.path}. To resume, run the same command again.", err=True)
         sys.exit(130)  # as a shell reports a program stopped by Ctrl-C
+    if not is_main_process():
+        return
     m = result.metrics
     keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
     if guard:
         kept = "the original student" if m["guard_epoch"] == 0 else f"epoch {m['guard_epoch']}"
-        click.echo(f"guard ({m['guard_source']}, {m['guard_size']:,} images): kept {kept}; accuracy there {m['guard_acc_before']:.2f} → {m['guard_acc_after']:.2f}; the last epoch's Δ was {m['last_epoch']['delta']:+.2f}")
+        echo(f"guard ({m['guard_source']}, {m['guard_size']:,} images): kept {kept}; accuracy there {m['guard_acc_before']:.2f} → {m['guard_acc_after']:.2f}; the last epoch's Δ was {m['last_epoch']['delta']:+.2f}")
         keys = (*keys, "guard_epoch", "guard_source")
-    click.echo(json.dumps({k: m[k] for k in keys if k in m}))
-    click.echo(f"student saved to {saved['weights']}; {saved['records']} record(s) appended to {out / 'results.jsonl'}")
+    echo(json.dumps({k: m[k] for k in keys if k in m}))
+    echo(f"student saved to {saved['weights']}; {saved['records']} record(s) appended to {out / 'results.jsonl'}")
 
 
 def _run_controls(student_model, transfer_set, eval_set, result, settings) -> list[dict]:
