@@ -268,3 +268,17 @@ def test_soup_ingredients_on_ray_give_the_soup_of_one_process(ray_instance, tiny
     assert on_ray.metrics["acc_after"] == local.metrics["acc_after"] and on_ray.metrics["delta"] == local.metrics["delta"]
     assert [(r["ingredient"], r["epoch"], r["acc"]) for r in ray_records] == [(r["ingredient"], r["epoch"], r["acc"]) for r in local_records]
     assert len(ray_records) == 2
+
+
+def test_the_command_line_takes_the_executor(shared_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from ktransfer.cli import main
+
+    config_path = tmp_path / "study.json"
+    config_path.write_text(json.dumps(config(shared_cache, methods=["kl"], controls=[])))  # no executor key: local by default
+    folder = tmp_path / "study"
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["study", str(config_path), "--out", str(folder), "--executor", "ray"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "executor: ray, 2 run(s) at a time" in result.output
+    assert len(load_records(folder)) == 2
