@@ -370,3 +370,12 @@ def test_multi_teacher_demo(small_fashion_mnist, tiny_zoo, tmp_path):
     assert json.loads((tmp_path / "multi_teacher.json").read_text())["rows"] == table["rows"]
     error = run_cli("demo", "--multi-teacher", "--students", "cnn", "--teachers", "cnn,mlp", "--out", tmp_path / "x", "--data-dir", small_fashion_mnist)
     assert error.exit_code != 0 and "cannot be both student and teacher" in error.output
+
+
+def test_only_a_soup_runs_on_an_executor(tiny_data, models):
+    transfer_set, eval_set = tiny_data
+    student, strong, weak = models
+    with pytest.raises(ConfigError, match="executor='ray' applies to the soup strategy only"):
+        transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl_dp", strategy="parallel", executor="ray")
+    with pytest.raises(ConfigError, match="executor must be local or ray; got 'dask'"):
+        transfer_multi(student, [strong, weak], transfer_set, eval_set, "kl", strategy="soup", executor="dask")

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 import signal
 import sqlite3
 import statistics
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-import ktransfer.study as study_module
+import ktransfer.study.executors as study_module  # where the runs call ktransfer.transfer
 from ktransfer.errors import ConfigError, TrainingError
 from ktransfer.study import DB_FILE, Study, StudyConfig, load_records, load_results, stratified_split
 
@@ -61,7 +62,10 @@ def db_rows(folder, phase="study"):
         ({"methods": ["kl", "kl"]}, "listed twice"),
         ({"students": ["cnn"]}, "has no source"),
         ({"students": []}, "'students' is missing"),
-        ({"search": {"holdout": 1.5}}, "strictly between 0 and 1"),
+        ({"search": {"holdout": 1.5}}, r"search.holdout: must be less than 1(\.0)?; got 1.5"),
+        ({"methods": ["kl", {"name": "kl_dp", "lr": -1}]}, r"methods\[1\].lr\[0\]: must be greater than 0"),
+        ({"cpus_per_run": 0}, "cpus_per_run: must be greater than 0"),
+        ({"executor": "slurm"}, "executor: must be local or ray"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "cached or online"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
@@ -258,7 +262,7 @@ def test_yaml_config_without_pyyaml_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_one_process_per_study_folder(tmp_path):
-    from ktransfer.study import StudyError, _exclusive
+    from ktransfer.study.store import StudyError, _exclusive
 
     study = make_study(tmp_path, tmp_path)
     study.folder.mkdir()
@@ -278,7 +282,7 @@ fashion_mnist.EXPECTED_COUNT.update(train=700, test=200)  # the test's small Fas
 fashion_mnist.POOL_SIZE, fashion_mnist.TRANSFER_SIZE, fashion_mnist.VALIDATION_SIZE = 500, 100, 200
 from ktransfer.models import store
 store.DEFAULT_ZOO = {n: store.ZooRecipe(r.arch, r.seed, private_size=200, epochs=1, lr=r.lr, batch_size=64) for n, r in store.DEFAULT_ZOO.items()}
-import ktransfer.study as study
+import ktransfer.study.executors as study
 pace = float(sys.argv[1])
 if pace:  # hold each run open a moment so the kill lands in the middle of the study
     real = study.transfer
@@ -345,3 +349,34 @@ def test_killed_study_resumes_with_no_duplicated_and_no_lost_runs(small_fashion_
     lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and len({line["run_key"] for line in lines}) == 4
     assert {(line["student"], line["teacher"], line["method"]) for line in lines} == expected
+
+
+def test_prediction_cache_writers_never_share_a_temporary_file(tmp_path, monkeypatch, tiny_data):
+    # A study's parallel workers may compute the same teacher's logits at once: each writes a file
+    # of its own and renames it into place, so the entry is always one writer's whole file.
+    import ktransfer.predictions as predictions
+    from ktransfer.models.base import Model
+    from ktransfer.models.zoo import ZOO_ARCHITECTURES
+
+    torch.manual_seed(0)
+    model = Model(ZOO_ARCHITECTURES["mlp"][1](), "mlp", family="mlp")
+    written = []
+    real_save = predictions.save_file
+    monkeypatch.setattr(predictions, "save_file", lambda tensors, path: (written.append(Path(path)), real_save(tensors, path))[1])
+    first, second = predictions.PredictionCache(tmp_path), predictions.PredictionCache(tmp_path)
+    logits = first.logits(model, tiny_data[1])
+    (tmp_path / f"{first.key(model, tiny_data[1])}.safetensors").unlink()  # the second writer finds no entry either
+    again = second.logits(model, tiny_data[1])
+    assert len(written) == 2 and written[0] != written[1] and all(str(os.getpid()) in p.name for p in written)
+    assert torch.equal(logits, again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.key(model, tiny_data[1])}.safetensors"]  # no temporary file left
+
+
+def test_without_pydantic_the_error_names_the_extra():
+    code = (
+        "import sys; sys.modules['pydantic'] = None\n"
+        "from ktransfer.extras import MissingExtraError\n"
+        "try:\n    import ktransfer.study\nexcept MissingExtraError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "checking study and data configs needs pydantic, which is not installed; run: pip install 'ktransfer[study]'"

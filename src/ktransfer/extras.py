@@ -1,4 +1,4 @@
-"""Optional dependencies: studies need pyyaml and pandas, reports matplotlib; none is needed for transfer itself."""
+"""Optional dependencies: studies need pyyaml, pandas and pydantic, reports matplotlib, parallel runs ray; none is needed for transfer itself."""
 
 from __future__ import annotations
 
@@ -26,3 +26,23 @@ def available(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def start_ray(address: str | None = None, purpose: str = "running on Ray"):
+    """Connect to the Ray cluster at ``address``, or start a local instance sized to this machine (no dashboard).
+
+    Returns the ``ray`` module and whether this call connected (then the caller ends it with
+    ``ray.shutdown()``); an existing connection is used as it is.
+    """
+    ray = require("ray", "ray", purpose)
+    if ray.is_initialized():
+        return ray, False
+    # A local instance: from Ray 2.59 token authentication is on by default, and ray.init() creates and
+    # uses the token itself, so nothing needs configuring. A cluster with authentication needs its token
+    # in RAY_AUTH_TOKEN (or Ray's default token file), as every Ray client does.
+    quiet = dict(configure_logging=True, logging_level="warning", log_to_driver=False)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(include_dashboard=False, **quiet)  # no dashboard unless asked: nothing here needs one
+    return ray, True

@@ -388,17 +388,50 @@ def _soup_settings(run: _Run) -> dict:
     }
 
 
-def _soup(run: _Run, reuse, recalibrate_bn: bool) -> TransferResult:
+def _ingredient(student, transfer_set, eval_set, teacher, method: Method, settings: dict, cache_root, cache_enabled: bool, context: dict):
+    """One soup ingredient in a Ray worker: the same ``transfer`` call as in one process; its epoch records come back with it."""
+    records: list[dict] = []
+
+    def on_epoch(record: dict) -> None:
+        records.append({**record, **context})
+
+    cache = PredictionCache(cache_root, enabled=cache_enabled)  # on disk: the teachers' logits are computed once per machine
+    return transfer(student, teacher, transfer_set, eval_set, method=method, cache=cache, on_epoch=on_epoch, **settings), records
+
+
+def _ingredients_on_ray(run: _Run, todo: list[tuple[int, Model]], contexts: dict[int, dict], address: str | None) -> dict[int, TransferResult]:
+    from .extras import start_ray
+
+    ray, owned = start_ray(address, "a soup on Ray (executor='ray')")
+    try:
+        gpus = 1 if str(run.settings.get("device", "cpu")).startswith("cuda") else 0
+        task = ray.remote(_ingredient).options(num_cpus=1, num_gpus=gpus)
+        shared = [ray.put(value) for value in (run.student, run.transfer_set, run.eval_set)]  # shipped once for all ingredients
+        base = run.cache.base
+        refs = {number: task.remote(*shared, teacher, run.fresh_method(), run.settings, base.root, base.enabled, contexts[number]) for number, teacher in todo}
+        made = {}
+        for number, ref in refs.items():
+            made[number], records = ray.get(ref)
+            for record in records:
+                if run.on_epoch is not None:
+                    run.on_epoch(record)
+        return made
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _soup(run: _Run, reuse, recalibrate_bn: bool, executor: str = "local", ray_address: str | None = None) -> TransferResult:
     started = time.perf_counter()
     expected = _soup_settings(run)
     reused = _match_reuse(run, reuse, expected)
-    ingredients: list[TransferResult] = []
-    for number, teacher in enumerate(run.teachers, 1):
-        name = _name(teacher)
-        if name in reused:
-            ingredients.append(reused[name])
-            continue
-        ingredients.append(run.call_transfer(run.student, teacher, run.fresh_method(), context={"strategy": "soup", "ingredient": number, "ingredient_teacher": name}))
+    todo = [(number, teacher) for number, teacher in enumerate(run.teachers, 1) if _name(teacher) not in reused]
+    contexts = {number: {"strategy": "soup", "ingredient": number, "ingredient_teacher": _name(teacher)} for number, teacher in todo}
+    if executor == "ray":  # the ingredients are independent transfers: as many at once as the cluster holds
+        made = _ingredients_on_ray(run, todo, contexts, ray_address)
+    else:
+        made = {number: run.call_transfer(run.student, teacher, run.fresh_method(), context=contexts[number]) for number, teacher in todo}
+    ingredients = [reused[_name(teacher)] if _name(teacher) in reused else made[number] for number, teacher in enumerate(run.teachers, 1)]
     device = run.settings.get("device", "cpu")
     module = average_weights([result.student for result in ingredients]).to(device)
     student = run.student
@@ -447,6 +480,8 @@ def transfer_multi(
     cache: PredictionCache | None = None,
     class_names: Sequence[str] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     **hparams,
 ) -> TransferResult:
     """Transfer from several ``teachers`` into a copy of ``student`` with one of the strategies.
@@ -458,7 +493,9 @@ def transfer_multi(
     teacher, weights averaged; ``recalibrate_bn`` recomputes batch-norm statistics on the
     transfer data; ``reuse`` takes finished single-teacher results with the same settings).
     Every other argument means what it means in :func:`ktransfer.transfer`; ``on_epoch``
-    records also carry the stage or ingredient they belong to.
+    records also carry the stage or ingredient they belong to. ``executor="ray"`` runs the soup's
+    ingredients as Ray tasks at once (on the cluster at ``ray_address``, else a local instance);
+    their records reach ``on_epoch`` as each ingredient ends.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -466,6 +503,10 @@ def transfer_multi(
         raise ConfigError(f"order applies to the sequential strategy only (strategy is {strategy})")
     if recalibrate_bn and strategy != "soup":
         raise ConfigError(f"recalibrate_bn applies to the soup strategy only (strategy is {strategy})")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be local or ray; got {executor!r}")
+    if executor != "local" and strategy != "soup":
+        raise ConfigError(f"executor={executor!r} applies to the soup strategy only, whose ingredients are independent (strategy is {strategy})")
     if reuse and strategy != "soup":
         raise ConfigError(f"reuse applies to the soup strategy only (strategy is {strategy})")
     if not isinstance(epochs, int) and strategy != "sequential":
@@ -485,4 +526,4 @@ def transfer_multi(
             return _parallel(run)
         if strategy == "sequential":
             return _sequential(run, order, epochs)
-        return _soup(run, reuse, recalibrate_bn)
+        return _soup(run, reuse, recalibrate_bn, executor, ray_address)

@@ -5,6 +5,8 @@ The key is what determines the logits: the model's weights and preprocessing, an
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -55,9 +57,14 @@ class PredictionCache:
             logits = compute_logits(model, data, batch_size, device)
             if self.enabled:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file({"logits": logits.contiguous()}, tmp)
-                tmp.replace(path)
+                # A temporary name of this process's own, then one atomic rename: processes that compute
+                # the same entry at once (a study's parallel workers) each write a whole file, never a mix.
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+                try:
+                    save_file({"logits": logits.contiguous()}, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
         self._memory[key] = logits
         return logits
 

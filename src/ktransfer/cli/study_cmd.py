@@ -14,9 +14,11 @@ from .options import data_dir_option
 @click.option("--status", "show_status", is_flag=True, help="Only show how many runs are done, failed, interrupted and still to do, and the errors of the failed ones.")
 @click.option("--retry-failed", is_flag=True, help="Run the failed runs again (by default they stay recorded as failed and are skipped).")
 @click.option("--device", default=None, help="Torch device for the runs, e.g. cuda (default: the config's, else cpu).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where the runs execute: local (this process, one after another; the default unless the config says otherwise) or ray (Ray tasks, several at a time; needs ktransfer[ray]). See docs/scale.md.")
+@click.option("--address", default=None, help="With --executor ray: the address of a running Ray cluster (default: start a local Ray instance sized to this machine).")
 @click.option("--no-controls", is_flag=True, help="Skip the ce and self controls (by default each runs once per student, learning rate and seed; the config's 'controls' key chooses them).")
 @data_dir_option
-def study_command(config, out, show_status, retry_failed, device, no_controls, data_dir):
+def study_command(config, out, show_status, retry_failed, device, executor, address, no_controls, data_dir):
     """Run a study: every student × teacher × method × seed of CONFIG, stored run by run.
 
     CONFIG is a YAML (or JSON) file, or a study folder (it keeps a copy of its config). Each
@@ -25,7 +27,7 @@ def study_command(config, out, show_status, retry_failed, device, no_controls, d
     failed ones stay recorded with their error. Results: results.csv and results.jsonl in the
     folder, `ktransfer report FOLDER`, or ktransfer.study.load_results(FOLDER) in Python.
 
-    Example: ktransfer study examples/zoo-study.yaml --out zoo-study
+    Example: ktransfer study examples/zoo-study.yaml --out zoo-study   (add --executor ray for several runs at a time)
     """
     from rich.console import Console
 
@@ -38,7 +40,7 @@ def study_command(config, out, show_status, retry_failed, device, no_controls, d
     if show_status:
         print_status(console, study.status())
         return
-    status = study.run(retry_failed=retry_failed, log=lambda line: console.print(line, soft_wrap=True), device=device)
+    status = study.run(retry_failed=retry_failed, log=lambda line: console.print(line, soft_wrap=True), device=device, executor=executor, address=address)
     print_status(console, status)
     console.print(f"Report: ktransfer report {study.folder}")
 

@@ -14,87 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from pathlib import Path
-from typing import Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
 from ..errors import ModelError
 from .base import Model, Preprocess
-from .registry import load_model, register_source
+from .registry import register_source
+from .sources import apply_preprocess_options, architecture_spec, split_options
+from .weights import load_weights, read_state_dict  # noqa: F401  (read_state_dict: part of this module's interface)
 
 METADATA_KEY = "ktransfer.model"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# Keys under which training scripts commonly nest the model's weights.
-NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, loaded without executing anything from it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except Exception as exc:  # noqa: BLE001 - any failure means the file is not usable safetensors
-            raise ModelError(f"{path} is not a readable safetensors file ({exc}); write it again with safetensors.torch.save_file") from exc
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"refusing to load {path}: it is a pickle that holds more than tensors ({str(exc).splitlines()[0][:160]}), and unpickling it "
-            f"could run arbitrary code. If you trust it, extract its weights once in Python: "
-            f"torch.save(torch.load(PATH, weights_only=False).state_dict(), 'weights.pt') (or save them with safetensors)"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file at all, ...
-        raise ModelError(f"could not read weights from {path} ({type(exc).__name__}: {exc}); expected safetensors or a torch.save file of tensors") from exc
-    return _unwrap_state_dict(loaded, path)
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and obj and not all(torch.is_tensor(v) for v in obj.values()):
-        for key in NESTED_KEYS:
-            if isinstance(obj.get(key), dict):
-                return _unwrap_state_dict(obj[key], path)
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise ModelError(f"{path} holds no state dict (a mapping of names to tensors, possibly under one of {', '.join(NESTED_KEYS)}); found {type(obj).__name__}")
-    # Weights saved from DataParallel/DDP carry a "module." prefix on every name.
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
-
-
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``; a classification layer of another size is refitted first."""
-    from .sources import classifier_name, fit_head
-
-    head = classifier_name(module)
-    own = module.state_dict()
-    weight_key = f"{head}.weight" if head else None
-    if weight_key and weight_key in state and weight_key in own and state[weight_key].shape != own[weight_key].shape:
-        fit_head(module, int(state[weight_key].shape[0]))
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = _state_difference(module.state_dict(), state) or str(exc).splitlines()[-1].strip()
-        raise ModelError(f"the weights in {source} do not fit {type(module).__name__} ({detail}); check that the spec names the architecture the weights were trained with") from exc
-
-
-def _state_difference(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """What differs between a module's tensors and a file's, briefly: missing and unexpected names, then shapes."""
-
-    def some(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
-    reshaped = [f"{key} is {list(given[key].shape)} in the file, {list(own[key].shape)} in the model" for key in own if key in given and given[key].shape != own[key].shape]
-    parts = [f"{len(missing)} missing: {some(missing)}" if missing else "", f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "", f"{len(reshaped)} of another shape: {some(reshaped)}" if reshaped else ""]
-    return "; ".join(part for part in parts if part)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -110,8 +42,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def checkpoint_info(model: Model, class_names: list[str] | None = None, **extra) -> dict:
     """What a checkpoint records so that its path alone rebuilds the model."""
-    from .sources import architecture_spec
-
     architecture = getattr(model, "architecture", None) or architecture_spec(model.spec)
     if not architecture:
         raise ModelError(f"{model.name}: cannot record its architecture (it has no spec); load it through a model spec to save it as a checkpoint")
@@ -151,13 +81,13 @@ def _build_architecture(spec: str) -> Model:
         if arch not in ZOO_ARCHITECTURES:
             raise ModelError(f"unknown zoo architecture {name!r} recorded in the checkpoint")
         return Model(build(arch), name, FASHION_MNIST_PREPROCESS, ZOO_ARCHITECTURES[arch][0], spec)
+    from .loading import load_model  # here, not at the top: loading imports this module to register the file source
+
     return load_model(spec)
 
 
 def load_checkpoint(path: str | Path, **overrides) -> Model:
     """A model from a checkpoint that records its architecture (see the module docstring)."""
-    from .sources import apply_preprocess_options, architecture_spec
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
@@ -195,7 +125,5 @@ def is_checkpoint_path(spec: str) -> bool:
 @register_source("file")
 def file_model(rest: str, **_) -> Model:
     """``file:PATH`` (or a bare PATH): a checkpoint that records its architecture."""
-    from .sources import split_options
-
     path, options = split_options(rest, f"file:{rest}")
     return load_checkpoint(path, **options)

@@ -27,8 +27,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelError
-from .base import Model, Preprocess, final_linear
+from .base import Model, Preprocess
 from .registry import MODEL_SOURCES, register_source
+from .weights import classifier, classifier_name, fit_head, load_weights, read_state_dict  # noqa: F401  (classifier, fit_head: part of this module's interface)
 
 PREPROCESS_OPTIONS = ("input_size", "mean", "std", "interpolation", "crop_pct", "in_chans")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -156,56 +157,7 @@ def guess_family(module: nn.Module) -> str:
     return "cnn"
 
 
-# ---------------------------------------------------------------------------- heads
-
-
-def classifier_name(module: nn.Module) -> str | None:
-    """Qualified name of the classification layer: timm's ``get_classifier()``, else the last ``nn.Linear``."""
-    head = None
-    if hasattr(module, "get_classifier"):
-        try:
-            head = module.get_classifier()
-        except Exception:  # noqa: BLE001 - fall back to the generic search
-            head = None
-    if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
-        head = final_linear(module)
-    if head is None:
-        return None
-    for name, sub in module.named_modules():
-        if sub is head:
-            return name
-    return None
-
-
-def classifier(module: nn.Module) -> nn.Module:
-    name = classifier_name(module)
-    if not name:
-        raise ModelError(f"cannot find the classification layer of {type(module).__name__}: it has no get_classifier() and no nn.Linear")
-    return module.get_submodule(name)
-
-
-def fit_head(module: nn.Module, num_classes: int) -> nn.Module:
-    """Give ``module`` a freshly initialised classification layer with ``num_classes`` outputs; returns the layer."""
-    if hasattr(module, "reset_classifier"):  # timm: knows its own head (pooling, dropout, distillation heads)
-        module.reset_classifier(num_classes)
-        return classifier(module)
-    name = classifier_name(module)
-    if not name:
-        raise ModelError(f"cannot give {type(module).__name__} a new classification layer: it has no nn.Linear")
-    old = module.get_submodule(name)
-    if not isinstance(old, nn.Linear):
-        raise ModelError(f"the classification layer {name} of {type(module).__name__} is a {type(old).__name__}, not an nn.Linear; build the model with num_classes instead")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
-    if isinstance(getattr(module, "num_classes", None), int):
-        module.num_classes = num_classes
-    return new
-
-
 def load_weights_file(module: nn.Module, file: str, spec: str) -> None:
-    from .checkpoint import load_weights, read_state_dict
-
     load_weights(module, read_state_dict(file), f"{file} (for {spec})")
 
 

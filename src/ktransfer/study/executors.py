@@ -1,0 +1,160 @@
+"""Where a study's runs execute: one after another in this process, or as Ray tasks.
+
+Either way each run is one :func:`ktransfer.transfer` call (or one control) through
+:func:`execute_run`, and the executor hands each outcome back to the runner, the only process that
+writes the study's store. An executor calls ``on_start(run)`` just before a run is started or
+submitted, and ``on_finish(run, outcome)`` when it has ended.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..api import transfer
+from ..controls import run_control
+from ..extras import start_ray as _start_ray
+from ..methods import create_method
+from ..models import load_model
+from ..predictions import PredictionCache
+from .config import RunSpec, StudyConfig
+from .sources import StudyData, search_split
+
+
+@dataclass
+class RunOutcome:
+    """What a run gives back: its metrics and evaluation predictions, or the error that ended it."""
+
+    metrics: dict | None = None
+    predictions: torch.Tensor | None = None
+    error: str | None = None
+    trace: str | None = None
+
+
+def execute_run(run: RunSpec, models, data: StudyData, device: str, cache: PredictionCache) -> RunOutcome:
+    """One run of a study, in whatever process holds ``models`` and ``data``; a failure is returned, not raised."""
+    settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, augment=run.augment, device=device, cache=cache)
+    try:
+        if run.control:
+            result = run_control(run.control, models[run.student], data.transfer, data.eval, **settings)
+        else:
+            result = transfer(models[run.student], models[run.teacher], data.transfer, data.eval, method=create_method(run.method, **run.params), **settings)
+    except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the study goes on
+        return RunOutcome(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+    return RunOutcome(result.metrics, result.predictions)
+
+
+Start = Callable[[RunSpec], None]
+Finish = Callable[[RunSpec, RunOutcome], None]
+
+
+class LocalExecutor:
+    """The runs one after another in this process, with the models and data the runner loaded."""
+
+    name = "local"
+
+    def __init__(self, models: dict, data: dict[str, StudyData], device: str, cache: PredictionCache):
+        self.models, self.data, self.device, self.cache = models, data, device, cache
+
+    def run(self, runs: list[RunSpec], on_start: Start, on_finish: Finish) -> None:
+        for run in runs:
+            on_start(run)
+            on_finish(run, execute_run(run, self.models, self.data[run.phase], self.device, self.cache))
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+class _WorkerState:
+    """What a Ray worker process builds once and reuses for every run it gets: the data and the models, loaded as runs need them."""
+
+    def __init__(self, config: StudyConfig, device: str):
+        self.config, self.device = config, device
+        self.cache = PredictionCache()  # on disk: teacher logits computed once per machine, shared by its workers
+        study = config.data.load()
+        self.data = {"study": study}
+        if config.searched_methods():
+            self.data["search"] = search_split(study, config.search.holdout, config.search.seed)
+        self.loaded: dict = {}
+
+    def model(self, spec: str):
+        if spec not in self.loaded:
+            self.loaded[spec] = load_model(spec, data_dir=self.config.data.dir)
+            self.loaded[spec].module.to(self.device)
+        return self.loaded[spec]
+
+
+_WORKER_STATES: dict[str, _WorkerState] = {}  # per worker process, keyed by the config it serves
+
+
+def _run_in_worker(config: dict, run: RunSpec, device: str) -> RunOutcome:
+    import json
+
+    key = json.dumps([config, device], sort_keys=True)
+    if key not in _WORKER_STATES:
+        _WORKER_STATES.clear()  # a worker serves one study at a time
+        _WORKER_STATES[key] = _WorkerState(StudyConfig.from_dict(config), device)
+    state = _WORKER_STATES[key]
+    models = {spec: state.model(spec) for spec in (run.student, run.teacher) if spec}
+    return execute_run(run, models, state.data[run.phase], device, state.cache)
+
+
+def start_ray(address: str | None = None):
+    return _start_ray(address, "running a study on Ray (--executor ray)")
+
+
+class RayExecutor:
+    """Each run as a Ray task with the config's resources; as many in flight as the cluster's resources hold."""
+
+    name = "ray"
+
+    def __init__(self, config: StudyConfig, device: str, address: str | None = None):
+        self.config, self.device = config, device
+        self.ray, self.owned = start_ray(address)
+        self.payload = self.ray.put(config.to_dict())  # shipped once, not with every task
+        self.task = self.ray.remote(_run_in_worker).options(
+            num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run, max_retries=config.max_retries, retry_exceptions=False
+        )
+
+    def slots(self) -> int:
+        """How many runs the cluster can hold at once with the resources each asks for."""
+        resources = self.ray.cluster_resources()
+        slots = math.floor(resources.get("CPU", 0) / self.config.cpus_per_run + 1e-9)
+        if self.config.gpus_per_run > 0:
+            slots = min(slots, math.floor(resources.get("GPU", 0) / self.config.gpus_per_run + 1e-9))
+        return max(1, slots)
+
+    def run(self, runs: list[RunSpec], on_start: Start, on_finish: Finish) -> None:
+        ray, waiting, in_flight = self.ray, list(runs), {}
+        slots = self.slots()
+        while waiting or in_flight:
+            while waiting and len(in_flight) < slots:  # submit only what can start, so "running" in the store means running
+                run = waiting.pop(0)
+                on_start(run)
+                in_flight[self.task.remote(self.payload, run, self.device)] = run
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                run = in_flight.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the worker died more often than max_retries allows: recorded, the study goes on
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    outcome = RunOutcome(error=f"{type(exc).__name__}: {first} (after {self.config.max_retries} retries)", trace=str(exc))
+                on_finish(run, outcome)
+
+    def close(self) -> None:
+        if self.owned:
+            self.ray.shutdown()
+
+
+def make_executor(name: str, config: StudyConfig, device: str, models: dict, data: dict[str, StudyData], cache: PredictionCache, address: str | None = None):
+    if name == "ray":
+        return RayExecutor(config, device, address)
+    return LocalExecutor(models, data, device, cache)

@@ -1,0 +1,56 @@
+"""Where a study's images come from: a registry of named loaders (Fashion-MNIST, image folders) that users can extend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..data.base import ImageData
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+DATA_SOURCES: dict[str, Callable[["DataConfig"], tuple[ImageData, ImageData]]] = {}
+
+
+def register_data_source(name: str):
+    """Register a loader ``fn(data_config) -> (transfer_set, eval_set)`` under a name a config can use."""
+
+    def wrap(fn):
+        DATA_SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_data_source("fashion-mnist")
+def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData]:
+    from ..data import fashion_mnist
+
+    splits = fashion_mnist.load(config.dir)
+    return splits.transfer, splits.eval
+
+
+@register_data_source("folder")
+def _folder(config: "DataConfig") -> tuple[ImageData, ImageData]:
+    # folder:PATH with train/ and val/ class subfolders, through the data package's own loader.
+    from ..data.sources import load_data
+
+    splits = load_data(config.source, data_dir=config.dir)
+    return splits.transfer, splits.eval
+
+
+@dataclass
+class StudyData:
+    transfer: ImageData
+    eval: ImageData
+
+
+
+
+def search_split(data: StudyData, holdout: float, seed: int) -> StudyData:
+    """The search phase's data: train on the transfer set less a stratified held-out part, score on that part (never the evaluation set)."""
+    from ..data.base import stratified_split
+
+    held_out, rest = stratified_split(data.transfer.labels, max(1, round(holdout * len(data.transfer))), seed)
+    return StudyData(data.transfer.subset(rest, f"{data.transfer.name}[search-train]"), data.transfer.subset(held_out, f"{data.transfer.name}[held-out]"))
