@@ -371,12 +371,3 @@ def test_prediction_cache_writers_never_share_a_temporary_file(tmp_path, monkeyp
     assert torch.equal(logits, again)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.key(model, tiny_data[1])}.safetensors"]  # no temporary file left
 
-
-def test_without_pydantic_the_error_names_the_extra():
-    code = (
-        "import sys; sys.modules['pydantic'] = None\n"
-        "from ktransfer.extras import MissingExtraError\n"
-        "try:\n    import ktransfer.study\nexcept MissingExtraError as exc:\n    print(exc)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "checking study and data configs needs pydantic, which is not installed; run: pip install 'ktransfer[study]'"

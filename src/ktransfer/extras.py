@@ -1,4 +1,4 @@
-"""Optional dependencies: studies need pyyaml, pandas and pydantic, reports matplotlib, parallel runs ray; none is needed for transfer itself."""
+"""Optional dependencies: studies need pyyaml and pandas, reports matplotlib, parallel runs ray; none is needed for transfer itself."""
 
 from __future__ import annotations
 

@@ -26,8 +26,7 @@ from ..targets import resolve_targets
 from .sources import DATA_SOURCES, StudyData
 from .store import CONFIG_FILE
 
-pydantic = require("pydantic", "study", "checking study and data configs")
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError, field_validator, model_validator  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError, field_validator, model_validator
 
 CONTROL_PREFIX = "control:"  # a control's method in the store, apart from a method a study may list (ce is one)
 
