@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import KTransferError
+from .paths import atomic_path
 
 FINISHED_FILE = "finished.json"
 KEEP = 2  # the newest checkpoint and the one before it
@@ -78,16 +79,10 @@ def _fsync_directory(folder: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[object], None]) -> None:
     """Write ``path`` through a temporary file in the same folder: fsync it, then rename it into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     _fsync_directory(path.parent)
 
 

@@ -14,7 +14,6 @@ McNemar p-value of that difference on the same evaluation images.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -23,6 +22,7 @@ import torch
 from .methods import create_method
 from .methods.base import Method
 from .metrics import paired_counts, paired_p_value
+from .paths import atomic_path
 
 CONTROLS = ("ce", "self")
 # The record fields of a transfer that only make sense with a teacher; a control leaves them empty.
@@ -108,10 +108,8 @@ def attach_controls(
 
 def save_predictions(folder: Path, key: str, predictions: torch.Tensor) -> None:
     """Keep a run's evaluation-set predictions (``folder/KEY.pt``), so reused runs can still be compared with new controls."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    torch.save(predictions.to(torch.int32).cpu(), tmp)
-    os.replace(tmp, folder / f"{key}.pt")
+    with atomic_path(folder / f"{key}.pt") as tmp:
+        torch.save(predictions.to(torch.int32).cpu(), tmp)
 
 
 def load_predictions(folder: Path, key: str) -> torch.Tensor | None:

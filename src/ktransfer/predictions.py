@@ -5,8 +5,6 @@ The key is what determines the logits: the model's weights and preprocessing, an
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from .data.base import ImageData
 from .models.base import Model
-from .paths import cache_dir
+from .paths import atomic_path, cache_dir
 
 
 @torch.inference_mode()
@@ -56,15 +54,9 @@ class PredictionCache:
         if logits is None:
             logits = compute_logits(model, data, batch_size, device)
             if self.enabled:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # A temporary name of this process's own, then one atomic rename: processes that compute
-                # the same entry at once (a study's parallel workers) each write a whole file, never a mix.
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-                try:
+                # Processes that compute the same entry at once (a study's parallel workers) each write a whole file.
+                with atomic_path(path) as tmp:
                     save_file({"logits": logits.contiguous()}, tmp)
-                    os.replace(tmp, path)
-                finally:
-                    tmp.unlink(missing_ok=True)
         self._memory[key] = logits
         return logits
 

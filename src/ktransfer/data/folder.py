@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
+from ..paths import atomic_write_bytes
 from .base import ImageData
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
@@ -367,10 +368,7 @@ def make_subset(source, fraction: float | None = None, per_class: int | None = N
 
 def save_subset_index(record: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return path
 
 

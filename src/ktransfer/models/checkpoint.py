@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelError
+from ..paths import atomic_path
 from .base import Model, Preprocess
 from .registry import register_source
 from .sources import apply_preprocess_options, architecture_spec, split_options
@@ -64,10 +65,8 @@ def save_checkpoint(model: Model, path: str | Path, class_names: list[str] | Non
     info = checkpoint_info(model, class_names, **extra)
     # clone(): safetensors refuses tensors that share storage (tied weights)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, tmp, metadata={METADATA_KEY: json.dumps(info)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(info)})
     return path
 
 

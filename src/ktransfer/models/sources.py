@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ModelError
 from .base import Model, Preprocess
 from .registry import MODEL_SOURCES, register_source
-from .weights import classifier, classifier_name, fit_head, load_weights, read_state_dict  # noqa: F401  (classifier, fit_head: part of this module's interface)
+from .weights import classifier, fit_head, load_weights, read_state_dict  # noqa: F401  (classifier, fit_head: part of this module's interface)
 
 PREPROCESS_OPTIONS = ("input_size", "mean", "std", "interpolation", "crop_pct", "in_chans")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..data import fashion_mnist
 from ..data.base import ImageData
 from ..errors import ModelError
-from ..paths import cache_dir
+from ..paths import atomic_path, cache_dir
 from .base import Model, Preprocess
 from .zoo import ZOO_ARCHITECTURES
 
@@ -105,10 +105,8 @@ def load_zoo_model(
             return load_zoo_model(name, data_dir, recipe, on_step)
     else:
         train_zoo_model(module, recipe, splits, on_step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp, metadata={"recipe": json.dumps(asdict(recipe))})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp, metadata={"recipe": json.dumps(asdict(recipe))})
     module.eval()
     return Model(module, name, FASHION_MNIST_PREPROCESS, family, f"zoo:{name}")
 
