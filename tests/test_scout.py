@@ -94,7 +94,7 @@ def test_verdicts():
 def test_the_shipped_predictor_loads():
     predictor = ScoutPredictor.load()
     assert predictor.n_pairs == 30 and len(predictor.coefficients) == 4
-    assert predictor.evaluation["loso"]["n"] == 30
+    assert predictor.evaluation["loso"]["n"] == 30 and predictor.method == "kl" and predictor.setting["evaluated_on"] == "fashion-mnist/validation"
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
