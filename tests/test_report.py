@@ -229,3 +229,14 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
     broken = tmp_path / "broken.html"
     broken.write_text(checked.read_text().replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1))
     assert parse(rendered_dom(browser, broken, tmp_path / "profile")).attributes.get("data-images") == "5/6"
+
+
+def test_report_shows_predicted_against_realised_delta(folder):
+    import json
+
+    scout = {"method": "kl", "evaluation": {"loso": {"spearman": 0.5, "low": 0.1, "high": 0.8, "p_value": 0.01}},
+             "pairs": [{"student": "zoo:s1", "teacher": "zoo:t1", "predicted_loso": 0.75, "predicted": 0.5, "low": -0.25, "high": 1.25, "delta": 1.0, "noise": 0.2, "test_delta": None}]}
+    (folder / "scout.json").write_text(json.dumps(scout))
+    page = build_report(folder).html.read_text()
+    assert 'id="scout-table"' in page and "Spearman +0.50 [+0.10, +0.80]" in page
+    assert "t1 → s1" in page and "+0.75" in page and "[-0.25, +1.25]" in page

@@ -2,7 +2,7 @@
 
 A folder is a study folder (``study.db`` plus the files the study writes) or any folder with a
 ``results.jsonl`` (``ktransfer demo``, ``ktransfer transfer``). ``zoo.json``,
-``complementarity.json`` and ``search.json`` are used where present.
+``complementarity.json``, ``search.json`` and ``scout.json`` are used where present.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ReportData:
     analysis: ComplementarityAnalysis | None = None
     search: dict | None = None
     failed: list[dict] = field(default_factory=list)
+    scout: dict | None = None  # scout.json: per pair predicted and realised Δ, written by 'ktransfer scout --fit'
 
     @property
     def methods(self) -> list[str]:
@@ -79,8 +80,9 @@ def load(folder: str | Path) -> ReportData:
     zoo = _read_json(folder / "zoo.json") if (folder / "zoo.json").exists() else []
     analysis = ComplementarityAnalysis.load(folder / "complementarity.json") if (folder / "complementarity.json").exists() else None
     search = _read_json(folder / "search.json") if (folder / "search.json").exists() else None
+    scout = _read_json(folder / "scout.json") if (folder / "scout.json").exists() else None
     title = next((r["study"] for r in records if r.get("study")), None) or folder.resolve().name
-    return ReportData(title, single, controls, multi, zoo if isinstance(zoo, list) else [], analysis, search, failed_runs(folder))
+    return ReportData(title, single, controls, multi, zoo if isinstance(zoo, list) else [], analysis, search, failed_runs(folder), scout if isinstance(scout, dict) else None)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

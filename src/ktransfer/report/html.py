@@ -171,6 +171,23 @@ def failed_table(data: ReportData) -> str:
     return table("Failed runs (recorded by the study; rerun with --retry-failed)", ["phase", "method", "teacher → student", "seed", "error"], rows, text_columns=5, table_id="failed-table")
 
 
+def scout_table(data: ReportData) -> str:
+    """Predicted against realised Δ per pair, from the scout.json that 'ktransfer scout --fit' leaves in a study folder."""
+    scout = data.scout or {}
+    pairs = sorted(scout.get("pairs") or [], key=lambda r: -(r.get("predicted_loso") or 0))
+    rows = [
+        [html.escape(f"{short(r.get('teacher'))} → {short(r.get('student'))}"), _signed(r.get("predicted_loso")), _signed(r.get("predicted")),
+         f"[{_fmt(r.get('low'), '+.2f')}, {_fmt(r.get('high'), '+.2f')}]", _signed(r.get("delta")), _fmt(r.get("noise")), _signed(r.get("test_delta"))]
+        for r in pairs
+    ]
+    loso = (scout.get("evaluation") or {}).get("loso") or {}
+    caption = (
+        f"Scouting ({html.escape(str(scout.get('method', '?')))}): predicted against realised Δ per pair; leave-one-student-out Spearman "
+        f"{_fmt(loso.get('spearman'), '+.2f')} [{_fmt(loso.get('low'), '+.2f')}, {_fmt(loso.get('high'), '+.2f')}] (95% bootstrap), permutation p {_fmt(loso.get('p_value'), '.3g')}"
+    )
+    return table(caption, ["teacher → student", "predicted (student held out)", "predicted (full fit)", "interval", "realised Δ", "noise of Δ", "scored Δ"], rows, table_id="scout-table")
+
+
 def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
     """The page; ``figures`` maps a figure's name to its title and PNG bytes."""
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
@@ -202,6 +219,8 @@ def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
         add("multi-teacher", "Several teachers", multi_teacher_table(data))
     if data.search:
         add("search", "Hyperparameter search", search_table(data))
+    if data.scout:
+        add("scout", "Scouting: predicted against realised Δ", '<p class="note">From scout.json (ktransfer scout --fit, docs/scouting.md). The student-held-out prediction never saw that student\'s pairs; scored Δ: the same pair in the study given to --score-on.</p>', scout_table(data))
     if data.failed:
         add("failed", "Failed runs", failed_table(data))
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..data.base import ImageData
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -28,7 +29,11 @@ def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData]:
     from ..data import fashion_mnist
 
     splits = fashion_mnist.load(config.dir)
-    return splits.transfer, splits.eval
+    # fashion-mnist:validation evaluates on the validation split, where settings and predictors are fitted.
+    evaluation = {"": splits.eval, "test": splits.eval, "validation": splits.validation}.get(config.source.partition(":")[2])
+    if evaluation is None:
+        raise ConfigError(f"data.source: {config.source!r} names no evaluation split; write fashion-mnist (the test set) or fashion-mnist:validation")
+    return splits.transfer, evaluation
 
 
 @register_data_source("folder")

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from .options import data_dir_option
+
+SCOUT_DATA_DEFAULT = "fashion-mnist:validation"
+
+
+@main.command("scout")
+@click.option("--student", default=None, help="Student model spec, e.g. zoo:cnn.")
+@click.option("--teacher", "teachers", multiple=True, help="A candidate teacher's model spec; repeat for each candidate.")
+@click.option("--data", "data_spec", default=SCOUT_DATA_DEFAULT, show_default=True, metavar="SPEC", help="Held-out labelled data the models run over once: fashion-mnist[:validation|transfer|test|pool] or folder:PATH of class subfolders. Not the data you will judge the transfer on.")
+@click.option("--size", type=click.IntRange(min=1), default=None, metavar="N", help="Scout on a seeded stratified subset of N samples of the data (faster for large models).")
+@click.option("--predictor", type=click.Path(dir_okay=False, path_type=Path), default=None, help="A predictor written by --fit (default: the one shipped with ktransfer, fitted on the embedded zoo).")
+@click.option("--fit", "fit_folder", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="Instead of scouting: fit a predictor on this study's realised Δs and check it leave-one-student-out.")
+@click.option("--method", default="kl_dp", show_default=True, help="--fit: the study's method whose Δ the predictor learns.")
+@click.option("--score-on", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="--fit: also score the leave-one-student-out predictions against this study's Δs of the same pairs (e.g. the same study evaluated on the test set).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="--fit: where to write the predictor JSON (default: STUDY_FOLDER/scout-predictor.json). With scouting: also write the ranking as JSON here.")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
+@data_dir_option
+def scout_command(student, teachers, data_spec, size, predictor, fit_folder, method, score_on, out, device, data_dir):
+    """Rank candidate teachers for a student before training, from one forward pass of each model.
+
+    Per pair it measures the positive-flip rate ρ_pos, the share of samples KL+DP would route to the
+    teacher, the accuracy gap and how the flips spread over classes, and predicts the transfer's Δ
+    with an interval. A teacher whose interval lies at or below 0 is unlikely to help.
+
+    Example: ktransfer scout --student zoo:cnn --teacher zoo:mlp --teacher zoo:vit --teacher zoo:convnext
+
+    Fit a predictor on a finished study: ktransfer scout --fit scout-fit-study (see docs/scouting.md)
+    """
+    from ..errors import ConfigError
+
+    if fit_folder is not None:
+        if student or teachers or predictor is not None:
+            raise ConfigError("--fit fits a predictor from a study; leave out --student, --teacher and --predictor (scout with the fitted file afterwards)")
+        _fit(fit_folder, method, score_on, out, device)
+        return
+    if score_on is not None:
+        raise ConfigError("--score-on belongs to --fit STUDY_FOLDER")
+    if not student or not teachers:
+        raise ConfigError("name a --student and at least one --teacher to scout (or --fit STUDY_FOLDER to fit a predictor)")
+    _scout(student, list(teachers), data_spec, size, predictor, out, device, data_dir)
+
+
+def _load_scout_data(spec: str, models, size, data_dir):
+    from ..data.base import stratified_split
+    from ..data.sources import materialize, open_split, raw_channels, raw_image_size
+
+    source = open_split(spec, "eval", None, data_dir)
+    preprocesses = [model.preprocess for model in models]
+    data = materialize(source, raw_image_size(preprocesses), raw_channels(preprocesses))
+    if size is not None and size < len(data):
+        chosen, _ = stratified_split(data.labels, size, 0)
+        data = data.subset(chosen, f"{data.name}[{size},seed=0]")
+    return data
+
+
+def _scout(student, teachers, data_spec, size, predictor_path, out, device, data_dir):
+    import json
+
+    from rich.console import Console
+
+    from ..engine import check_device
+    from ..models import load_model
+    from ..scout import ScoutPredictor, scout
+
+    check_device(device)
+    predictor = ScoutPredictor.load(predictor_path)  # a bad file fails before any model runs
+    models = {spec: load_model(spec, data_dir=data_dir) for spec in dict.fromkeys([student, *teachers])}
+    data = _load_scout_data(data_spec, list(models.values()), size, data_dir)
+    result = scout(models[student], [models[t] for t in teachers], data, predictor=predictor, device=device)
+    console = Console()
+    console.print(ranking_table(result))
+    unlikely = result.unlikely
+    console.print(f"unlikely to help: {', '.join(unlikely)}" if unlikely else "no teacher is ruled out: every interval reaches above 0")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+        console.print(f"ranking written to [bold]{out}[/]")
+
+
+def ranking_table(result):
+    from rich.table import Table
+
+    from ..scout import FEATURE_LABELS, FEATURES
+
+    setting = result.setting or {}
+    fitted = f"; predictor fitted on {setting.get('study', '?')} ({setting.get('evaluated_on', '?')})" if setting else ""
+    table = Table(title=(
+        f"Teachers for {result.student}: predicted Δ of {result.method} (points) with its {result.coverage:.0%} interval; "
+        f"statistics on {result.data}, n={result.n:,}{fitted}"
+    ))
+    for column in ("teacher", "predicted Δ", "interval", *(FEATURE_LABELS[f] for f in FEATURES), "verdict"):
+        table.add_column(column, justify="left" if column in ("teacher", "verdict") else "right")
+    for t in result.teachers:
+        table.add_row(
+            t.teacher, f"{t.predicted:+.2f}", f"[{t.low:+.2f}, {t.high:+.2f}]", f"{t.stats.positive_flips:.2f}", f"{t.stats.teacher_share:.1f}",
+            f"{t.stats.accuracy_gap:+.2f}", f"{t.stats.flip_spread:.2f}", t.verdict,
+        )
+    return table
+
+
+def _fit(folder: Path, method: str, score_on, out, device):
+    from rich.console import Console
+
+    from ..engine import check_device
+    from ..scout import PREDICTOR_FILE, fit_study
+
+    check_device(device)
+    fit = fit_study(folder, method, score_on=score_on, device=device, log=click.echo)
+    out = out if out is not None else folder / PREDICTOR_FILE
+    fit.predictor.save(out)
+    rows_path = fit.save_rows(folder)
+    console = Console()
+    for line in fit_summary(fit.predictor):
+        console.print(line)
+    console.print(f"predictor written to [bold]{out}[/]; per-pair predictions to {rows_path} (shown by 'ktransfer report {folder}')")
+
+
+def fit_summary(predictor) -> list[str]:
+    """What the fit found, as lines: the noise of the realised Δs, the leave-one-student-out ranking, its baselines."""
+    from ..scout import FEATURE_LABELS
+
+    e = predictor.evaluation
+    noise, loso = e["noise"], e["loso"]
+
+    def interval(r: dict) -> str:
+        return f"{r['spearman']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] (95% bootstrap over pairs; permutation p={r['p_value']:.3g}, n={r['n']})"
+
+    lines = [
+        f"{predictor.method} on {predictor.n_pairs} pairs of {e['students']} students ({predictor.setting.get('evaluated_on', '?')}): "
+        f"mean Δ {noise['mean_delta']:+.2f}, spread (std over pairs) {noise['spread']:.2f}, noise of one Δ {noise['noise']:.2f} "
+        f"(ratio {noise['spread_over_noise']:.1f}); {noise['significant']}/{noise['tested']} pairs at McNemar p < 0.05",
+        f"leave-one-student-out Spearman, predicted vs realised: {interval(loso)}",
+        f"  mean within-student Spearman: {e['within_student_mean']:+.2f}",
+    ]
+    for name, r in e["baselines"].items():
+        lines.append(f"  {FEATURE_LABELS[name]} alone: {interval(r)}")
+    if "test" in e:
+        lines.append(f"against the Δs of {e['test']['study']}: {interval(e['test'])}")
+    if noise["spread_over_noise"] < 2:
+        lines.append("the realised Δs spread little more than their noise: the correlations above mean little; fit on a setting with larger Δs")
+    coefficients = ", ".join(f"{FEATURE_LABELS[n]} {c:+.3f}" for n, c in zip(predictor.features, predictor.coefficients))
+    lines.append(f"coefficients per standard deviation: {coefficients}; intercept {predictor.intercept:+.3f}")
+    return lines

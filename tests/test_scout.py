@@ -1,0 +1,127 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ktransfer.cli import main
+from ktransfer.errors import KTransferError
+from ktransfer.scout import (
+    PairStatistics, ScoutedPair, ScoutPredictor, fit_predictor, flip_spread, leave_one_student_out, pair_statistics, routed_share, spearman, verdict,
+)
+
+
+def one_hot_logits(predictions, num_classes=3, confidence=4.0):
+    logits = torch.zeros(len(predictions), num_classes)
+    logits[torch.arange(len(predictions)), torch.tensor(predictions)] = confidence
+    return logits
+
+
+def test_statistics_by_hand():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    student = one_hot_logits([0, 0, 0, 0, 1, 2])  # right on 0, 3, 4, 5
+    teacher = one_hot_logits([0, 1, 2, 1, 1, 0])  # right on 0, 1, 2, 4
+    stats = pair_statistics(labels, student, teacher)
+    assert stats.positive_flips == pytest.approx(100 * 2 / 6)  # samples 1 and 2
+    assert stats.negative_flips == pytest.approx(100 * 2 / 6)  # samples 3 and 5
+    assert stats.accuracy_gap == pytest.approx(0.0)
+    # KL+DP routes to the teacher where its true-class probability is higher: samples 1, 2 (ties go to the student).
+    assert stats.teacher_share == pytest.approx(100 * 2 / 6)
+    # One flip in class 1, one in class 2: entropy ln 2 over ln 3.
+    assert stats.flip_spread == pytest.approx(math.log(2) / math.log(3))
+    assert flip_spread(labels, [0] * 6, [0, 1, 1, 0, 1, 0], 3) == 0.0  # two flips, both class 1
+    softer = teacher.clone()
+    softer[0] = torch.tensor([5.0, 0.0, 0.0])  # more confident than the student on sample 0: routed too
+    assert routed_share(labels, student, softer) == pytest.approx(100 * 3 / 6)
+
+
+def test_mismatched_label_spaces_fail_in_one_line():
+    with pytest.raises(KTransferError, match="one label space"):
+        pair_statistics(torch.tensor([0, 1]), torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_spearman_with_ties():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ranks [1.5, 1.5, 3] against [1, 2, 3]: r = 0.75 / sqrt(0.5 * 2) ... by hand 0.8660.
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+
+
+def synthetic_pairs(noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for s in range(5):
+        for t in range(5):
+            if s == t:
+                continue
+            f = rng.normal(size=4) * [3, 20, 5, 0.2] + [5, 30, 0, 0.7]
+            delta = 0.5 * f[0] - 0.02 * f[1] + 0.3 * f[2] + noise * rng.normal()
+            stats = PairStatistics(f"s{s}", f"t{t}", *f, negative_flips=1.0, student_accuracy=80.0, teacher_accuracy=80.0 + f[2], n=100)
+            pairs.append(ScoutedPair(stats, float(delta), 10, 5, 1000, 1))
+    return pairs
+
+
+def test_fit_recovers_known_coefficients_and_round_trips(tmp_path):
+    pairs = synthetic_pairs()
+    X = np.array([p.stats.features() for p in pairs])
+    y = np.array([p.delta for p in pairs])
+    predictor = fit_predictor(X, y, ridge=0.0)
+    raw = np.array(predictor.coefficients) / np.array(predictor.scale)
+    assert raw == pytest.approx([0.5, -0.02, 0.3, 0.0], abs=1e-8)
+    assert predictor.residual_low == pytest.approx(0, abs=1e-8) and predictor.residual_high == pytest.approx(0, abs=1e-8)
+    loaded = ScoutPredictor.load(predictor.save(tmp_path / "p.json"))
+    assert loaded.predict(X)[0] == pytest.approx(predictor.predict(X)[0])
+    assert loaded.predict(X)[0] == pytest.approx(y)
+
+
+def test_leave_one_student_out_ranks_a_clean_signal_and_not_noise():
+    clean = leave_one_student_out(synthetic_pairs(noise=0.01), resamples=200)
+    assert clean["pairs"] == 20 and clean["students"] == 5
+    assert clean["loso"]["spearman"] > 0.95 and clean["loso"]["p_value"] < 0.01
+    assert clean["loso"]["low"] <= clean["loso"]["spearman"] <= clean["loso"]["high"]
+    noisy = leave_one_student_out(synthetic_pairs(noise=100.0), resamples=200)
+    assert noisy["loso"]["low"] < 0.3  # the interval admits no correlation when Δ is all noise
+
+
+def test_verdicts():
+    assert verdict(0.1, 0.5) == "likely to help"
+    assert verdict(-0.3, 0.0) == "unlikely to help"
+    assert verdict(-0.3, 0.2) == "uncertain"
+
+
+def test_the_shipped_predictor_loads():
+    predictor = ScoutPredictor.load()
+    assert predictor.n_pairs == 30 and len(predictor.coefficients) == 4
+    assert predictor.evaluation["loso"]["n"] == 30 and predictor.method == "kl" and predictor.setting["evaluated_on"] == "fashion-mnist/validation"
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["scout", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--predictor", str(tmp_path / "missing.json")])
+    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["scout", "--fit", str(tmp_path / "empty")])
+    assert result.exit_code != 0 and "neither a study" in result.output
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something"}))
+    result = runner.invoke(main, ["scout", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--predictor", str(tmp_path / "bad.json")])
+    assert result.exit_code != 0 and "not a scouting predictor" in result.output
+    result = runner.invoke(main, ["scout", "--student", "zoo:cnn"])
+    assert result.exit_code != 0 and "at least one --teacher" in result.output
+
+
+def test_scout_ranks_tiny_models(tiny_data):
+    import ktransfer
+    from ktransfer.models import Model, Preprocess
+
+    _, evaluation = tiny_data
+
+    def model(name, seed):
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+        return Model(module, name, Preprocess(mean=(0.5,), std=(0.5,)))
+
+    result = ktransfer.scout(model("student", 0), [model("a", 1), model("b", 2)], evaluation)
+    assert len(result.teachers) == 2 and [t.predicted for t in result.teachers] == sorted([t.predicted for t in result.teachers], reverse=True)
+    assert all(t.stats.n == len(evaluation) for t in result.teachers)
