@@ -125,3 +125,38 @@ def test_scout_ranks_tiny_models(tiny_data):
     result = ktransfer.scout(model("student", 0), [model("a", 1), model("b", 2)], evaluation)
     assert len(result.teachers) == 2 and [t.predicted for t in result.teachers] == sorted([t.predicted for t in result.teachers], reverse=True)
     assert all(t.stats.n == len(evaluation) for t in result.teachers)
+
+
+def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, tiny_zoo, tmp_path):
+    """The whole path a user takes: a study evaluated on validation data, --fit on it, then scouting with the fitted file."""
+    from ktransfer.study import Study, StudyConfig
+
+    config = StudyConfig.from_dict({
+        "name": "fit", "students": ["zoo:mlp", "zoo:cnn", "zoo:vit"], "methods": ["kl_dp"], "epochs": 1, "lr": 0.01, "batch_size": 64,
+        "data": {"source": "fashion-mnist:validation", "dir": str(small_fashion_mnist)}, "controls": [],
+    })
+    study = Study(config, tmp_path / "fit")
+    study.run(log=lambda line: None)
+    runner = CliRunner(env={"COLUMNS": "250"})
+    fitted = tmp_path / "predictor.json"
+    result = runner.invoke(main, ["scout", "--fit", str(study.folder), "-o", str(fitted)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Spearman" in result.output
+    saved = json.loads(fitted.read_text())
+    predictor = ScoutPredictor.load(fitted)
+    assert predictor.method == "kl_dp" and saved["setting"]["evaluated_on"].startswith("fashion-mnist")
+    assert saved["setting"]["n_eval"] == 200  # the validation split of the small look-alike, not its test set
+
+    ranking = tmp_path / "ranking.json"
+    result = runner.invoke(main, [
+        "scout", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--teacher", "zoo:vit", "--predictor", str(fitted),
+        "--data", "fashion-mnist:validation", "--data-dir", str(small_fashion_mnist), "-o", str(ranking),
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "zoo:mlp" in result.output and "zoo:vit" in result.output
+    written = json.loads(ranking.read_text())
+    teachers = written["teachers"]
+    assert {t["teacher"] for t in teachers} == {"zoo:mlp", "zoo:vit"}
+    predicted = [t["predicted"] for t in teachers]
+    assert predicted == sorted(predicted, reverse=True)
+    assert all(t["low"] <= t["predicted"] <= t["high"] for t in teachers)
