@@ -27,4 +27,6 @@ def test_gpu_check_runs_end_to_end_on_the_cpu():
     for mode in ("kl_dp cached", "kl_dp online"):  # the printed ratio is the printed rates' quotient
         assert abs(rates[mode][1] - rates[mode][0] / rates["plain"][0]) < 0.002 + 1e-3 * rates[mode][1]
     assert re.search(r"^goal kl_dp cached >= 0.95 of plain: (met|not met) \([\d.]+\)$", out, re.M)
+    for mode in ("plain", "kl_dp cached", "kl_dp online"):
+        assert f"host-device syncs per step, {mode}: n/a (CPU)" in out
     assert re.search(r"^peak resident memory of the process [\d.]+ GiB$", out, re.M)
