@@ -94,3 +94,18 @@ def test_bad_switch_is_one_clear_error():
 def test_cli_amp_frozen_needs_amp(tmp_path):
     result = CliRunner().invoke(main, ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--out", str(tmp_path), "--amp-frozen"])
     assert result.exit_code != 0 and "--amp-frozen runs the frozen models under --amp's autocast: add --amp" in result.output
+
+
+def test_frozen_models_under_autocast_hand_float32_logits_to_the_routing(tiny_data):
+    transfer_set, eval_set = tiny_data
+    student, teacher = models()
+    index, images, _ = next(transfer_set.batches(torch.arange(32), 32))
+    targets = OnlineTargets([Model(teacher, "teacher")], Model(student, "original"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = targets.get(index, images)
+    full = targets.get(index, images)
+    assert low.teacher_logits.dtype == low.original_logits.dtype == torch.float32
+    assert not torch.equal(low.teacher_logits, full.teacher_logits)  # computed in bfloat16, then cast
+    torch.testing.assert_close(low.teacher_logits, full.teacher_logits, rtol=0.05, atol=0.05)
+    result = ktransfer.transfer(student, teacher, transfer_set, eval_set, method="kl_dp", epochs=1, lr=0.01, batch_size=64, targets="online", amp=True, amp_frozen=True, cache=PredictionCache(enabled=False))
+    assert (result.metrics["amp"], result.metrics["amp_frozen"], result.metrics["compile"]) == (True, True, False)
