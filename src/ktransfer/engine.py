@@ -119,7 +119,7 @@ class Prefetcher:
         if self.stream is None:
             return index, *(t.to(self.device) for t in (index, images, labels))
         with torch.cuda.stream(self.stream):
-            return index, *(t.pin_memory().to(self.device, non_blocking=True) for t in (index, images, labels))
+            return index, *((t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in (index, images, labels))
 
     def __iter__(self):
         upcoming = self._load()
@@ -300,6 +300,7 @@ class Engine:
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
         extra = method.setup(student.module)
+        self._to_channels_last(student)  # before DDP wraps the student: its gradient buckets follow the parameters' layout
         # Under torchrun only the student trains wrapped in DDP; the frozen models stay as they are.
         self.ranks = ranks
         if ranks is not None:
@@ -307,20 +308,24 @@ class Engine:
 
             check_distributable(method, extra)
             self.trained_model = replace(self.trained_model, module=ranks.wrap(student.module, config.device))
-        self._prepare_for_speed(student)
+        self._compile()
         optimizer = torch.optim.SGD(
             [*student.module.parameters(), *extra], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         self.state = TrainState(optimizer, torch.Generator().manual_seed(config.seed))
 
-    def _prepare_for_speed(self, student: Model) -> None:
-        """channels-last memory and torch.compile, as configured; neither changes what is computed beyond rounding."""
+    def _to_channels_last(self, student: Model) -> None:
+        """Channels-last memory for the student and the frozen conv nets, as configured (changes results only by rounding)."""
         config = self.config
         self.channels_last = uses_channels_last(config.channels_last, config.device, student.module)
         if self.channels_last:
             student.module.to(memory_format=torch.channels_last)
         if isinstance(self.targets, OnlineTargets):
             self.targets.prepare(lambda module: module.to(memory_format=torch.channels_last) if uses_channels_last(config.channels_last, config.device, module) else module)
+
+    def _compile(self) -> None:
+        """torch.compile of the student (as it trains: DDP-wrapped under torchrun) and of the frozen models, if asked."""
+        config = self.config
         if config.compile:
             # Under torchrun the DDP-wrapped student is compiled (DDP's bucketing then splits the graph).
             self.trained_model = replace(self.trained_model, module=torch.compile(self.trained_model.module, backend=config.compile_backend))
