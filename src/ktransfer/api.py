@@ -151,6 +151,11 @@ def transfer(
     val_data=None,
     guard_holdout: float = 0.1,
     distributed: bool | None = None,
+    amp: bool = False,
+    amp_frozen: bool = False,
+    channels_last: str = "auto",
+    prefetch: str = "auto",
+    compile: bool = False,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -188,6 +193,12 @@ def transfer(
     the metrics are of the whole evaluation set. Every process returns the same metrics; only
     rank 0 calls ``on_step``, ``on_epoch``, ``on_result`` and ``log``, and writes checkpoints and
     the prediction cache. The process group is created if the script has not (and destroyed at exit).
+
+    Speed on a GPU (see docs/performance.md): ``amp`` trains the student under bfloat16 autocast,
+    ``amp_frozen`` also runs the teachers and the original student under it (DP still routes on
+    float32 copies of their logits); ``channels_last`` ("auto": on for conv nets on CUDA, "on",
+    "off"); ``prefetch`` ("auto": pinned batches copied ahead on CUDA); ``compile``: torch.compile
+    the student and the frozen models. None of them changes the result beyond rounding.
     """
     started = time.perf_counter()
     student_model = as_model(student, "student")
@@ -210,7 +221,8 @@ def transfer(
             f"Warning: the guard scores on {len(guard_set):,} transfer images held out of training ({guard_holdout:.0%}); "
             f"where the transfer data is the student's own training data this is a weak guard: give val_data (--val-data) the student never saw"
         )
-    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment)
+    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment,
+                         amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile)
     config.validate()
     cache = cache if cache is not None else PredictionCache(enabled=False)
     checkpoints = None
@@ -262,7 +274,7 @@ def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, s
 
 def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
     """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same."""
-    training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size")}
+    training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size", "prefetch", "compile", "compile_backend")}
     return {
         "method": method.name,
         "hparams": method.describe(),
@@ -377,6 +389,11 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "seed": config.seed,
         "targets": "online" if isinstance(source, OnlineTargets) else "cached",  # feature methods always run online
         "augment": config.augment,
+        # How it ran on the hardware: bf16 autocast, memory format, compilation (results agree up to rounding).
+        "amp": config.amp,
+        "amp_frozen": config.amp_frozen,
+        "channels_last": engine.channels_last,
+        "compile": config.compile,
         "hparams": method.describe(),
         "n_transfer": len(transfer_set),
         "transfer_data": transfer_set.name,

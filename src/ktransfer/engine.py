@@ -27,7 +27,7 @@ from .methods.base import Method, StepInputs
 from .metrics import accuracy, transfer_metrics
 from .models.base import Model
 from .predictions import compute_logits
-from .targets import CachedTargets, TargetSource
+from .targets import CachedTargets, OnlineTargets, TargetSource
 
 if TYPE_CHECKING:
     from .distributed import Ranks
@@ -50,6 +50,13 @@ class TrainConfig:
     # default: their outputs are targets, and DP routes on them, so they stay float32.
     amp_frozen: bool = False
     augment: str = "none"  # "paper": every model sees the same augmented view of each batch (ktransfer.augment)
+    # "auto": channels-last memory for conv nets on CUDA (faster convolutions under bf16), else contiguous; "on"/"off".
+    channels_last: str = "auto"
+    # "auto": on CUDA the next batch is copied from pinned memory on a side stream while the step runs; "on"
+    # forces the one-batch-ahead loader elsewhere too (no copy there: used to test it), "off": copied in the step.
+    prefetch: str = "auto"
+    compile: bool = False  # torch.compile the student and the frozen models (of online targets)
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the wiring without generating code)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -66,6 +73,9 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         check_augment(self.augment)
         check_device(self.device)
+        for name in ("channels_last", "prefetch"):
+            if getattr(self, name) not in SWITCHES:
+                raise ConfigError(f"{name} must be one of {', '.join(SWITCHES)}; got {getattr(self, name)!r}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """The learning rate of optimiser step ``step`` (0-based) out of ``total_steps``: a pure function, so resuming needs no scheduler state."""
@@ -75,6 +85,59 @@ class TrainConfig:
 
 
 SCHEDULES = ("constant", "cosine")
+SWITCHES = ("auto", "on", "off")
+
+
+def is_conv_net(module: torch.nn.Module) -> bool:
+    """More than one 2-d convolution: a ViT's single patch-embedding convolution gains nothing from channels-last."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules()) > 1
+
+
+def uses_channels_last(setting: str, device: str, module: torch.nn.Module) -> bool:
+    if setting == "auto":
+        return torch.device(device).type == "cuda" and is_conv_net(module)
+    return setting == "on"
+
+
+class Prefetcher:
+    """Batches ``(cpu_index, index, images, labels)`` with the last three on ``device``, one batch ahead.
+
+    On CUDA the next batch is pinned and copied on a side stream while the current step's kernels
+    run; the compute stream waits for that copy before it uses the batch, so there is no
+    host-device sync. Elsewhere the batches pass through unchanged (the order is the same).
+    """
+
+    def __init__(self, batches, device: str):
+        self.batches, self.device = iter(batches), torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _load(self):
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        index, images, labels = batch
+        if self.stream is None:
+            return index, *(t.to(self.device) for t in (index, images, labels))
+        with torch.cuda.stream(self.stream):
+            return index, *((t.pin_memory() if t.device.type == "cpu" else t).to(self.device, non_blocking=True) for t in (index, images, labels))
+
+    def __iter__(self):
+        upcoming = self._load()
+        while upcoming is not None:
+            current = upcoming
+            if self.stream is not None:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_stream(self.stream)
+                for tensor in current[1:]:  # their memory stays reserved until the compute stream is done with it
+                    tensor.record_stream(compute)
+            upcoming = self._load()  # enqueued before the current step's kernels: the copy overlaps them
+            yield current
+
+
+def plain_batches(batches, device: str):
+    """The same tuples as :class:`Prefetcher`, each batch copied when the step asks for it."""
+    for index, images, labels in batches:
+        yield index, *(t.to(device, non_blocking=True) for t in (index, images, labels))
 
 
 def check_device(device: str) -> None:
@@ -237,6 +300,7 @@ class Engine:
         if method.needs_features and targets is not None:
             method.on_feature_dims(*self._probe_feature_dims())
         extra = method.setup(student.module)
+        self._to_channels_last(student)  # before DDP wraps the student: its gradient buckets follow the parameters' layout
         # Under torchrun only the student trains wrapped in DDP; the frozen models stay as they are.
         self.ranks = ranks
         if ranks is not None:
@@ -244,10 +308,35 @@ class Engine:
 
             check_distributable(method, extra)
             self.trained_model = replace(self.trained_model, module=ranks.wrap(student.module, config.device))
+        self._compile()
         optimizer = torch.optim.SGD(
             [*student.module.parameters(), *extra], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         self.state = TrainState(optimizer, torch.Generator().manual_seed(config.seed))
+
+    def _to_channels_last(self, student: Model) -> None:
+        """Channels-last memory for the student and the frozen conv nets, as configured (changes results only by rounding)."""
+        config = self.config
+        self.channels_last = uses_channels_last(config.channels_last, config.device, student.module)
+        if self.channels_last:
+            student.module.to(memory_format=torch.channels_last)
+        if isinstance(self.targets, OnlineTargets):
+            self.targets.prepare(lambda module: module.to(memory_format=torch.channels_last) if uses_channels_last(config.channels_last, config.device, module) else module)
+
+    def _compile(self) -> None:
+        """torch.compile of the student (as it trains: DDP-wrapped under torchrun) and of the frozen models, if asked."""
+        config = self.config
+        if config.compile:
+            # Under torchrun the DDP-wrapped student is compiled (DDP's bucketing then splits the graph).
+            self.trained_model = replace(self.trained_model, module=torch.compile(self.trained_model.module, backend=config.compile_backend))
+            if isinstance(self.targets, OnlineTargets):
+                self.targets.prepare(lambda module: torch.compile(module, backend=config.compile_backend))
+
+    def _batches(self, order: torch.Tensor, batch_size: int):
+        """``(cpu_index, index, images, labels)`` for the epoch, the last three on the device."""
+        batches = self.data.batches(order, batch_size)
+        prefetch = self.config.prefetch == "on" or (self.config.prefetch == "auto" and torch.device(self.config.device).type == "cuda")
+        return Prefetcher(batches, self.config.device) if prefetch else plain_batches(batches, self.config.device)
 
     def _check_augmentable(self) -> None:
         """Augmentation needs online targets that take views, and 1- or 3-channel images: checked before any training."""
@@ -320,15 +409,14 @@ class Engine:
         if self.ranks is not None:
             order, weights = self.ranks.shard(order, config.batch_size)
             local_batch_size = config.batch_size // self.ranks.world_size
-        for step_in_epoch, (index, images, labels) in enumerate(self.data.batches(order, local_batch_size)):
+        # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment). One copy of
+        # the batch's sample indices on the device serves the cached targets, the precomputed targets
+        # and the method (CRD's memory), instead of one copy each.
+        for step_in_epoch, (sample_index, index, images, labels) in enumerate(self._batches(order, local_batch_size)):
             weight = weights[step_in_epoch] if weights is not None else None
-            # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment).
-            sample_index = index
-            # One copy of the batch's sample indices on the device serves the cached targets, the
-            # precomputed targets and the method (CRD's memory), instead of one copy each.
-            index = index.to(config.device, non_blocking=True)
-            images, labels = images.to(config.device, non_blocking=True), labels.to(config.device, non_blocking=True)
             images = self._views(images, sample_index, state.epoch)
+            if self.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp and config.amp_frozen):
                 batch = self.targets.get(index, images) if self.targets is not None else None
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp):

@@ -8,6 +8,7 @@ un-augmented images (see :func:`resolve_targets`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,11 @@ class OnlineTargets(TargetSource):
         for model in [*teachers, original]:
             if model is not None:
                 model.module.eval()
+
+    def prepare(self, convert) -> None:
+        """Replace each frozen module by ``convert(module)`` (channels-last memory, torch.compile)."""
+        self.teachers = [dataclasses.replace(t, module=convert(t.module)) for t in self.teachers]
+        self.original = dataclasses.replace(self.original, module=convert(self.original.module)) if self.original is not None else None
 
     @torch.no_grad()
     def get(self, indices, images):

@@ -34,9 +34,14 @@ from .options import data_dir_option, parse_params
 @click.option("--guard", is_flag=True, help="No-regression guard: score the student after every epoch on data it never trained on and keep the best of the original and each epoch's student (see docs/guard.md). Recommended for real use; off by default, as the paper trained.")
 @click.option("--val-data", default=None, metavar="SPEC", help="--guard: the validation data to score on, as --eval-data (default: Fashion-MNIST's validation split for the embedded data, else a held-out share of the transfer data).")
 @click.option("--guard-holdout", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, metavar="FRACTION", help="--guard without validation data: the stratified share of the transfer data held out of training.  [default: 0.1]")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast for the student's forward pass and the loss (on a GPU: faster, less memory).")
+@click.option("--amp-frozen", is_flag=True, help="With --amp, also run the teachers and the original student under autocast (DP still routes on float32 copies of their logits).")
+@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="Channels-last memory for the models and batches; auto: on for conv nets on CUDA.")
+@click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="auto: on CUDA, copy the next batch from pinned memory while the step runs.")
+@click.option("--compile", "compile_models", is_flag=True, help="torch.compile the student and the frozen models (the first steps then take longer).")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, amp, amp_frozen, channels_last, prefetch, compile_models, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -75,6 +80,10 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer, not yet to --strategy")
     if not guard and (val_data is not None or guard_holdout is not None):
         raise ConfigError("--val-data and --guard-holdout are the guard's: add --guard")
+    if amp_frozen and not amp:
+        raise ConfigError("--amp-frozen runs the frozen models under --amp's autocast: add --amp")
+    if strategy is not None and (amp or channels_last != "auto" or prefetch != "auto" or compile_models):
+        raise ConfigError("--amp, --channels-last, --prefetch and --compile apply to a single transfer, not yet to --strategy")
     if guard and strategy is not None:
         raise ConfigError("--guard applies to a single transfer, not yet to --strategy")
     if launched_by_torchrun() and (strategy is not None or controls):
@@ -103,7 +112,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}{guarded}  ({record['seconds']:.1f}s)")
 
     cache = PredictionCache()
-    settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache)
+    settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache,
+                    amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile_models)
     if guard:  # in the settings, so that --controls are guarded alike
         settings.update(guard=True, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1)
     saved = {}
