@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -12,6 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
+
+
+@functools.lru_cache(maxsize=64)
+def _normalisation(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [1, C, 1, 1] tensors, made once per device: building them on a GPU every batch
+    is a host-to-device copy that makes the CPU wait for the GPU. Made outside inference mode, so the
+    tensors a prediction pass first made also serve training."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1), torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,7 @@ class Preprocess:
             x = x.expand(-1, self.in_chans, -1, -1)
         if self.mean == (0.0,) and self.std == (1.0,):
             return x
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        mean, std = _normalisation(tuple(self.mean), tuple(self.std), x.dtype, x.device)
         return (x - mean) / std
 
     def frame(self, images: torch.Tensor) -> torch.Tensor:
