@@ -67,7 +67,7 @@ def db_rows(folder, phase="study"):
         ({"cpus_per_run": 0}, "cpus_per_run: must be greater than 0"),
         ({"executor": "slurm"}, "executor: must be local or ray"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
-        ({"targets": "later"}, "cached or online"),
+        ({"targets": "later"}, "must be cached, online or views"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
         ({"augment": "heavy"}, "augment: must be none or paper; got 'heavy'"),
         ({"augment": "paper", "targets": "cached"}, "targets: cached teacher outputs are of the un-augmented images"),

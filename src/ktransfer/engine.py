@@ -418,7 +418,7 @@ class Engine:
             if self.channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp and config.amp_frozen):
-                batch = self.targets.get(index, images) if self.targets is not None else None
+                batch = self.targets.get(sample_index if self.targets.host_indices else index, images, epoch=state.epoch) if self.targets is not None else None
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp):
                 if method.needs_features:
                     features, logits = self.trained_model.features_and_logits(images)

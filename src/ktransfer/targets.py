@@ -2,8 +2,9 @@
 
 ``CachedTargets`` reads them from logits computed once over the transfer set; ``OnlineTargets``
 runs the frozen models on each batch. With the same data and no augmentation both give the
-same numbers. With augmentation only online targets are exact: cached logits are of the
-un-augmented images (see :func:`resolve_targets`).
+same numbers. With augmentation, cached logits of the un-augmented images do not apply: online
+targets run the models on each view, and ``ktransfer.view_cache.ViewCachedTargets`` (mode
+``views``) reads their outputs on the very same views, computed once (see :func:`resolve_targets`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from .errors import ConfigError
 from .models.base import Model
 from .predictions import PredictionCache
 
-TARGET_MODES = ("cached", "online")
+TARGET_MODES = ("cached", "online", "views")
 
 
 def resolve_targets(targets: str | None, augment: str = "none", where: str = "targets") -> str:
     """The target mode a run uses: ``targets`` as given, or, when not given, cached where that is exact.
 
     Cached targets are the frozen models' outputs on the un-augmented images, so with
-    augmentation the default is online, and an explicit ``cached`` is refused.
+    augmentation the default is online, and an explicit ``cached`` is refused; ``views`` caches
+    the outputs on the augmented views themselves, so it needs augmentation.
     """
     check_augment(augment)
     if targets is None:
@@ -36,8 +38,10 @@ def resolve_targets(targets: str | None, augment: str = "none", where: str = "ta
     if targets == "cached" and augment != "none":
         raise ConfigError(
             f"{where}: cached teacher outputs are of the un-augmented images, not of the views augment={augment!r} trains on; "
-            f"use online targets (the default with augmentation) or augment none"
+            f"use views (the frozen outputs cached per augmented view), online targets (the default with augmentation) or augment none"
         )
+    if targets == "views" and augment == "none":
+        raise ConfigError(f"{where}: views caches the frozen outputs per augmented view; without augmentation use cached (the default)")
     return targets
 
 
@@ -51,8 +55,11 @@ class BatchTargets:
 class TargetSource:
     # True when get() takes augmented views framed for the student (its models use Model.for_views).
     takes_views: bool = False
+    # True when get() reads by the sample indices on the host (a cache on disk): the engine passes
+    # its CPU copy rather than the device one, so no step waits to copy indices back.
+    host_indices: bool = False
 
-    def get(self, indices: torch.Tensor, images: torch.Tensor) -> BatchTargets:
+    def get(self, indices: torch.Tensor, images: torch.Tensor, epoch: int = 0) -> BatchTargets:
         raise NotImplementedError
 
 
@@ -61,7 +68,7 @@ class CachedTargets(TargetSource):
         self.teacher_logits = torch.stack([cache.logits(t, data, device=device) for t in teachers]).to(device) if teachers else None
         self.original_logits = cache.logits(original, data, device=device).to(device) if original is not None else None
 
-    def get(self, indices, images):
+    def get(self, indices, images, epoch: int = 0):
         indices = indices.to(self.teacher_logits.device if self.teacher_logits is not None else "cpu")
         return BatchTargets(
             self.teacher_logits[:, indices] if self.teacher_logits is not None else None,
@@ -87,7 +94,7 @@ class OnlineTargets(TargetSource):
         self.original = dataclasses.replace(self.original, module=convert(self.original.module)) if self.original is not None else None
 
     @torch.no_grad()
-    def get(self, indices, images):
+    def get(self, indices, images, epoch: int = 0):
         teacher_logits, teacher_features = [], None
         for k, teacher in enumerate(self.teachers):
             if self.with_features and k == 0:

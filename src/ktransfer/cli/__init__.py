@@ -29,4 +29,4 @@ def main():
 from . import data_cmd, demo_cmd, methods_cmd, transfer_cmd  # noqa: E402,F401  (register the commands)
 from . import analyze_cmd, report_cmd, study_cmd  # noqa: E402,F401
 from . import adapt_cmd  # noqa: E402,F401
-from . import scout_cmd  # noqa: E402,F401
+from . import precompute_cmd, scout_cmd  # noqa: E402,F401

@@ -282,7 +282,7 @@ class StudyConfig(_Section):
     batch_size: Count = 128
     data: DataConfig = Field(default_factory=DataConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    targets: Literal["cached", "online"] | None = None  # left out: cached, or online with augmentation
+    targets: Literal["cached", "online", "views"] | None = None  # left out: cached, or online with augmentation; views: cached per augmented view
     augment: Text = "none"
     device: Text = "cpu"
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.

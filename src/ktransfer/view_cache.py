@@ -1,0 +1,234 @@
+"""Frozen models' logits on the exact augmented views a transfer trains on, computed once and reused.
+
+With augmentation every step shows the student a new view of each image, and the teacher and the
+original student must score that same view. The view is a pure function of (augmentation recipe,
+seed, epoch, sample index) and of the frame the student crops (``ktransfer.augment``), so it is known
+before training: a frozen model can be run over every view of an epoch once, and every transfer that
+trains on those views (each student of a study with the same input frame) reads the logits instead of
+running the model. A study of N students and M teachers then runs M + N frozen passes per epoch, not
+2·N·M.
+
+Layout, under the prediction cache's folder::
+
+    views/<key>/meta.json          what determines the views and the logits (the key is its hash)
+    views/<key>/epoch-0003/        one folder per epoch, written whole (temporary folder, then rename)
+        logits.npy                 [N, C] float16 (default) or float32, memory-mapped on read
+
+Each epoch is a shard of its own: a run with fewer epochs reads a prefix, a longer one adds shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import Augmentation, check_augment
+from .data.base import ImageData
+from .errors import ConfigError, KTransferError
+from .models.base import Model, Preprocess
+from .targets import BatchTargets, TargetSource
+
+FORMAT = 1
+CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class ViewCacheError(KTransferError):
+    """A view cache that cannot be used for what was asked: the message says which part of its key differs."""
+
+
+def frame_description(preprocess: Preprocess) -> dict:
+    """What of a student's preprocessing decides the frame its views are cut from (``Preprocess.frame``)."""
+    return {"input_size": list(preprocess.input_size) if preprocess.input_size else None, "crop_pct": preprocess.crop_pct, "interpolation": preprocess.interpolation}
+
+
+@dataclass(frozen=True)
+class ViewKey:
+    """Everything that decides a frozen model's logits on the views: any change gives another key."""
+
+    model: str  # the frozen model's fingerprint (weights, buffers, preprocessing)
+    data: str  # the transfer set's fingerprint
+    frame: str  # json of frame_description(student preprocessing)
+    augment: str  # the recipe
+    seed: int  # the augmentation seed (the transfer's seed)
+    dtype: str
+
+    def fields(self) -> dict:
+        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "seed": self.seed, "dtype": self.dtype}
+
+    @property
+    def digest(self) -> str:
+        return hashlib.blake2b(json.dumps(self.fields(), sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16") -> ViewKey:
+    check_augment(augment)
+    if augment == "none":
+        raise ConfigError("a view cache holds outputs on augmented views; with augment none the plain prediction cache serves (targets cached)")
+    if dtype not in CACHE_DTYPES:
+        raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}; got {dtype!r}")
+    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype)
+
+
+def _differences(expected: dict, found: dict) -> list[str]:
+    return [f"{name} is {found.get(name)!r}, this run needs {value!r}" for name, value in expected.items() if found.get(name) != value]
+
+
+class ViewCache:
+    """The views of one frozen model for one (data, student frame, recipe, seed, dtype): epoch shards on disk."""
+
+    def __init__(self, root: Path, model: Model, data: ImageData, student_preprocess: Preprocess, augment: str = "paper", seed: int = 0, dtype: str = "float16"):
+        self.key = view_key(model, data, student_preprocess, augment, seed, dtype)
+        self.folder = Path(root) / "views" / self.key.digest
+        self.model, self.data, self.student_preprocess = model.for_views(), data, student_preprocess
+        self.augmentation = Augmentation(seed)
+        self.forward_passes = 0  # frozen-model forward passes this object ran (batches), for benchmarks
+        self._open: dict[int, np.ndarray] = {}
+        self._check_meta()
+
+    # ---- where things are
+
+    def shard(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch:04d}"
+
+    def has(self, epoch: int) -> bool:
+        return (self.shard(epoch) / "logits.npy").is_file()
+
+    def epochs_built(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("epoch-*") if (p / "logits.npy").is_file())
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
+
+    def _check_meta(self) -> None:
+        """A folder whose recorded key differs from ours (copied in by hand, or a hash collision) is refused, saying why."""
+        meta = self.folder / "meta.json"
+        if not meta.is_file():
+            return
+        try:
+            found = json.loads(meta.read_text())
+        except (OSError, ValueError) as exc:
+            raise ViewCacheError(f"the view cache {self.folder} has an unreadable meta.json ({exc}); delete the folder to rebuild it") from exc
+        differences = _differences(self.key.fields(), found)
+        if differences:
+            raise ViewCacheError(f"the view cache {self.folder} was built for other views: {'; '.join(differences)}; delete the folder to rebuild it")
+
+    # ---- building
+
+    @torch.no_grad()
+    def views_logits(self, index: torch.Tensor, epoch: int, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The model's float32 logits on the views of samples ``index`` in ``epoch`` (computed now)."""
+        self.model.module.eval()
+        out = []
+        for chunk in torch.as_tensor(index).split(batch_size):
+            images = self.data.images[chunk].to(device)
+            views = self.augmentation(self.student_preprocess.frame(images), chunk, epoch)
+            out.append(self.model.logits(views).float().cpu())
+            self.forward_passes += 1
+        return torch.cat(out) if out else torch.empty(0)
+
+    def build(self, epoch: int, batch_size: int = 256, device: str | torch.device = "cpu") -> bool:
+        """Compute and store ``epoch``'s shard unless it is there. Returns whether it computed it."""
+        if self.has(epoch):
+            return False
+        logits = self.views_logits(torch.arange(len(self.data)), epoch, batch_size, device)
+        if not torch.isfinite(logits).all():
+            raise ViewCacheError(f"{self.model.name} gives non-finite logits on the views of epoch {epoch + 1}; check the model and the data before caching")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "meta.json"
+        if not meta.is_file():
+            tmp = meta.with_name(f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(self.key.fields(), indent=1) + "\n")
+            os.replace(tmp, meta)
+        # A whole folder appears at once: written aside, then renamed. Two processes building the same
+        # shard each write their own; the first rename wins and the other's copy is dropped.
+        tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
+        try:
+            np.save(tmp / "logits.npy", logits.numpy().astype(CACHE_DTYPES[self.key.dtype]))
+            try:
+                os.rename(tmp, self.shard(epoch))
+            except OSError:
+                if not self.has(epoch):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
+
+    # ---- reading
+
+    def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Float32 logits of the views of ``index`` in ``epoch`` from the shard (memory-mapped)."""
+        if epoch not in self._open:
+            if not self.has(epoch):
+                raise ViewCacheError(f"the view cache of {self.model.name} has no epoch {epoch + 1}; build it first (ktransfer precompute, or ViewCache.build)")
+            self._open = {epoch: np.load(self.shard(epoch) / "logits.npy", mmap_mode="r")}  # one epoch open at a time
+        rows = self._open[epoch][np.asarray(index.cpu(), dtype=np.int64)]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+
+    def check(self, samples: int = 64, epochs: list[int] | None = None, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+        """Recompute ``samples`` random cached entries per built epoch and compare them with the stored ones.
+
+        Returns the largest absolute difference per epoch and whether it is within what the cache's
+        dtype can hold; a cache that fails was damaged or built by other code and should be deleted.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        report = {}
+        for epoch in epochs if epochs is not None else self.epochs_built():
+            index = torch.randperm(len(self.data), generator=generator)[:samples].sort().values
+            fresh, stored = self.views_logits(index, epoch, device=device), self.logits(index, epoch)
+            difference = float((fresh - stored).abs().max()) if len(index) else 0.0
+            # float16 keeps 11 significant bits: a relative error up to 2^-11 of the value, plus rounding of the model itself.
+            tolerance = 1e-4 + (2.0**-10 * float(fresh.abs().max()) if self.key.dtype == "float16" else 1e-4)
+            report[epoch] = {"samples": len(index), "max_abs_difference": difference, "ok": difference <= tolerance}
+        return report
+
+
+class ViewCachedTargets(TargetSource):
+    """Teacher and original-student logits on the augmented views, read from :class:`ViewCache` shards.
+
+    Built with the models, the transfer set, the student's preprocessing and the run's augmentation;
+    :meth:`ensure` computes any epoch shard that is missing (the first run that needs one builds it).
+    """
+
+    takes_views = True
+
+    def __init__(self, teachers: list[ViewCache], original: ViewCache | None):
+        self.teachers, self.original = teachers, original
+
+    @classmethod
+    def for_transfer(cls, root: Path, teachers: list[Model], original: Model | None, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16") -> "ViewCachedTargets":
+        make = lambda model: ViewCache(root, model, data, student_preprocess, augment, seed, dtype)  # noqa: E731
+        return cls([make(t) for t in teachers], make(original) if original is not None else None)
+
+    @property
+    def caches(self) -> list[ViewCache]:
+        return [*self.teachers, *([self.original] if self.original is not None else [])]
+
+    def ensure(self, epochs: int, batch_size: int = 256, device: str | torch.device = "cpu", log=None) -> int:
+        """Build every missing shard of epochs 0..epochs-1; returns how many were built."""
+        built = 0
+        for cache in self.caches:
+            for epoch in range(epochs):
+                if not cache.has(epoch):
+                    if log is not None:
+                        log(f"caching {cache.model.name} on the views of epoch {epoch + 1}/{epochs}")
+                    built += cache.build(epoch, batch_size, device)
+        return built
+
+    def describe(self) -> dict:
+        return {"dtype": self.caches[0].key.dtype if self.caches else None, "bytes": sum(c.nbytes() for c in self.caches), "keys": [c.key.digest for c in self.caches]}
+
+    def get(self, indices, images, epoch: int = 0):
+        device = images.device
+        return BatchTargets(
+            torch.stack([t.logits(indices, epoch) for t in self.teachers]).to(device) if self.teachers else None,
+            self.original.logits(indices, epoch).to(device) if self.original is not None else None,
+        )

@@ -1,0 +1,179 @@
+"""The frozen outputs cached per augmented view: exact, reused across students and runs, refused when the views differ."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import ktransfer
+from ktransfer.cli import main
+from ktransfer.data.base import ImageData
+from ktransfer.errors import ConfigError
+from ktransfer.models.base import Model, Preprocess
+from ktransfer.predictions import PredictionCache
+from ktransfer.view_cache import ViewCache, ViewCacheError, ViewCachedTargets
+
+
+class SmallNet(nn.Module):
+    def __init__(self, seed: int, size: int = 12):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * size * size, 10))
+        self.num_classes = 10
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Counting(nn.Module):
+    """Counts its forward passes (shared by deep copies, so a student copy counts too)."""
+
+    def __init__(self, inner: nn.Module, counter: list):
+        super().__init__()
+        self.inner, self.counter, self.num_classes = inner, counter, 10
+
+    def forward(self, x):
+        self.counter.append(len(x))
+        return self.inner(x)
+
+    def __deepcopy__(self, memo):
+        copied = Counting.__new__(Counting)
+        nn.Module.__init__(copied)
+        copied.inner, copied.counter, copied.num_classes = __import__("copy").deepcopy(self.inner, memo), [], 10
+        return copied
+
+
+def model(seed: int, name: str, counter: list | None = None) -> Model:
+    module = SmallNet(seed)
+    if counter is not None:
+        module = Counting(module, counter)
+    return Model(module, name, Preprocess((0.5,), (0.5,), (12, 12)))
+
+
+def data(count: int = 96, seed: int = 0) -> ImageData:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 1, 14, 14), dtype=torch.uint8, generator=generator)
+    return ImageData(images, torch.arange(count) % 10, [str(c) for c in range(10)], f"views-test-{seed}")
+
+
+SETTINGS = dict(method="kl_dp", epochs=2, lr=0.05, batch_size=16, augment="paper", seed=3)
+
+
+def weights(result) -> dict:
+    return {k: v.clone() for k, v in result.student.state_dict().items()}
+
+
+def test_float32_views_give_the_online_run_bit_for_bit(tmp_path):
+    transfer_set, eval_set = data(), data(40, seed=1)
+    online = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="online", **SETTINGS)
+    cache = PredictionCache(tmp_path)
+    cached = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="views", cache_dtype="float32", cache=cache, **SETTINGS)
+    for key, value in weights(online).items():
+        assert torch.equal(value, weights(cached)[key]), key
+    assert cached.metrics["targets"] == "views" and online.metrics["targets"] == "online"
+    record = cached.metrics["view_cache"]
+    # teacher and original student, 2 epochs of 96 samples × 10 classes in float32, plus each .npy header
+    assert record["dtype"] == "float32" and 2 * 2 * 96 * 10 * 4 < record["bytes"] < 2 * 2 * 96 * 10 * 4 + 4 * 256
+
+
+def test_float16_views_move_the_metrics_by_little(tmp_path):
+    transfer_set, eval_set = data(), data(40, seed=1)
+    online = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="online", **SETTINGS)
+    half = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="views", cache=PredictionCache(tmp_path), **SETTINGS)
+    assert half.metrics["view_cache"]["dtype"] == "float16"
+    largest = max(float((a - b).abs().max()) for a, b in zip(weights(online).values(), weights(half).values()))
+    assert 0 < largest < 1e-2  # rounded targets, not other targets
+    assert abs(half.metrics["acc_after"] - online.metrics["acc_after"]) <= 100 / 40  # at most one of 40 samples
+
+
+def test_each_frozen_model_runs_once_per_epoch_for_every_student(tmp_path):
+    transfer_set, eval_set, cache = data(), data(40, seed=1), PredictionCache(tmp_path)
+    teacher_calls = []
+    teacher = model(1, "teacher", teacher_calls)
+    for student_seed in (0, 5):  # two students with the same input frame read the teacher's views
+        ktransfer.transfer(model(student_seed, f"student{student_seed}"), teacher, transfer_set, eval_set, targets="views", cache=cache, **SETTINGS)
+    # Whole passes over the transfer set (the cache builds one batch of 96 here); the rest are the
+    # two-sample input checks before each run and the evaluation-set predictions.
+    passes = [n for n in teacher_calls if n == len(transfer_set)]
+    assert len(passes) == SETTINGS["epochs"]  # once per epoch, not once per student and epoch
+    teacher_calls.clear()
+    longer = {**SETTINGS, "epochs": 3}  # a longer run adds one shard and reuses the others
+    ktransfer.transfer(model(0, "student0"), teacher, transfer_set, eval_set, targets="views", cache=cache, **longer)
+    assert [n for n in teacher_calls if n == len(transfer_set)] == [len(transfer_set)]
+
+
+def test_other_views_get_another_key_and_a_copied_folder_is_refused_saying_why(tmp_path):
+    transfer_set, student_pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    teacher = model(1, "teacher")
+    base = ViewCache(tmp_path, teacher, transfer_set, student_pre, seed=3)
+    assert ViewCache(tmp_path, teacher, transfer_set, student_pre, seed=4).folder != base.folder
+    assert ViewCache(tmp_path, teacher, transfer_set, Preprocess((0.5,), (0.5,), (10, 10)), seed=3).folder != base.folder  # another frame
+    assert ViewCache(tmp_path, model(2, "other"), transfer_set, student_pre, seed=3).folder != base.folder
+    assert ViewCache(tmp_path, teacher, transfer_set, student_pre, seed=3, dtype="float32").folder != base.folder
+    base.build(0)
+    other = ViewCache(tmp_path, teacher, transfer_set, student_pre, seed=4)
+    other.folder.parent.mkdir(parents=True, exist_ok=True)
+    base.folder.rename(other.folder)  # seed 3's views where seed 4's belong
+    with pytest.raises(ViewCacheError, match=r"built for other views: seed is 3, this run needs 4; delete the folder"):
+        ViewCache(tmp_path, teacher, transfer_set, student_pre, seed=4)
+
+
+def test_check_finds_a_damaged_entry(tmp_path):
+    cache = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3)
+    cache.build(0)
+    assert cache.check(samples=96) == {0: {"samples": 96, "max_abs_difference": pytest.approx(0, abs=5e-3), "ok": True}}
+    stored = np.load(cache.shard(0) / "logits.npy")
+    stored[7, 2] += 1.0
+    np.save(cache.shard(0) / "logits.npy", stored)
+    damaged = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3)
+    report = damaged.check(samples=96)
+    assert report[0]["ok"] is False and report[0]["max_abs_difference"] > 0.9
+
+
+def test_views_need_augmentation_and_a_cache_folder():
+    transfer_set, eval_set = data(), data(40, seed=1)
+    with pytest.raises(ConfigError, match="views caches the frozen outputs per augmented view; without augmentation use cached"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", epochs=1)
+    with pytest.raises(ConfigError, match="give a cache"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", augment="paper", epochs=1)
+    with pytest.raises(ConfigError, match="cache dtype must be one of float16, float32"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", augment="paper", epochs=1, cache=PredictionCache(), cache_dtype="int8")
+
+
+def test_views_targets_read_what_was_built(tmp_path):
+    transfer_set, pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    source = ViewCachedTargets.for_transfer(tmp_path, [model(1, "teacher")], model(0, "original"), transfer_set, pre, "paper", 3, "float32")
+    assert source.ensure(2) == 4 and source.ensure(2) == 0
+    index = torch.tensor([5, 0, 93])
+    batch = source.get(index, torch.zeros(3, 1, 12, 12), epoch=1)
+    again = source.teachers[0].views_logits(index, 1)
+    # recomputed in a batch of 3 rather than 96: equal up to the kernels' summation order
+    assert batch.teacher_logits.shape == (1, 3, 10) and torch.allclose(batch.teacher_logits[0], again, atol=1e-6)
+
+
+def test_precompute_command_builds_and_checks(tmp_path, small_fashion_mnist, tiny_zoo):
+    runner = CliRunner()
+    args = ["precompute", "--model", "zoo:mlp", "--model", "zoo:cnn", "--student", "zoo:cnn", "--data-dir", str(small_fashion_mnist), "--epochs", "2", "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "4 shards built" in result.output
+    result = runner.invoke(main, [*args, "--check", "16"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "0 shards built" in result.output and "all checked entries match" in result.output
+    metas = list((tmp_path / "cache" / "views").glob("*/meta.json"))
+    assert len(metas) == 2 and {json.loads(m.read_text())["seed"] for m in metas} == {0}
+
+
+def test_transfer_command_reads_the_views_precompute_built(tmp_path, small_fashion_mnist, tiny_zoo):
+    runner = CliRunner()
+    common = ["--data-dir", str(small_fashion_mnist), "--epochs", "2"]
+    built = runner.invoke(main, ["precompute", "--model", "zoo:mlp", "--model", "zoo:cnn", "--student", "zoo:cnn", *common], catch_exceptions=False)
+    assert "4 shards built" in built.output
+    result = runner.invoke(main, ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--augment", "paper", "--targets", "views", "--out", str(tmp_path / "run"), *common], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert record["targets"] == "views" and record["view_cache"]["dtype"] == "float16"
+    assert sorted(record["view_cache"]["keys"]) == sorted(p.parent.name for p in (PredictionCache().root / "views").glob("*/meta.json"))
