@@ -182,6 +182,18 @@ def test_augmented_study_runs(small_fashion_mnist, tiny_zoo, tmp_path):
     assert "augment: paper" in (study.folder / "study.yaml").read_text()
 
 
+def test_augmented_study_with_views_caches_each_frozen_model_once(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.predictions import PredictionCache
+
+    study = make_study(tmp_path, small_fashion_mnist, methods=["kl", "kl_dp"], augment="paper", targets="views")
+    assert study.run(log=lambda line: None)["phases"]["study"]["done"] == 4
+    records = load_records(study.folder)
+    assert {r["targets"] for r in records} == {"views"}
+    # two models, each a teacher and an original student: two caches, one epoch each, read by all four runs
+    folders = sorted((PredictionCache().root / "views").glob("*/epoch-*"))
+    assert len(folders) == 2 and all(set(r["view_cache"]["keys"]) <= {f.parent.name for f in folders} for r in records)
+
+
 def test_a_failing_run_is_recorded_and_the_study_goes_on(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
     real_transfer = study_module.transfer
 
