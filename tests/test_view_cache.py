@@ -75,8 +75,8 @@ def test_float32_views_give_the_online_run_bit_for_bit(tmp_path):
         assert torch.equal(value, weights(cached)[key]), key
     assert cached.metrics["targets"] == "views" and online.metrics["targets"] == "online"
     record = cached.metrics["view_cache"]
-    # teacher and original student, 2 epochs of 96 samples × 10 classes in float32, plus each .npy header
-    assert record["dtype"] == "float32" and 2 * 2 * 96 * 10 * 4 < record["bytes"] < 2 * 2 * 96 * 10 * 4 + 4 * 256
+    # teacher and original student, 2 epochs of 96 samples: 10 logits and 2 routing confidences, float32; 8 .npy headers
+    assert record["dtype"] == "float32" and record["bytes"] == 2 * 2 * 96 * (10 + 2) * 4 + 8 * 128
 
 
 def test_float16_views_move_the_metrics_by_little(tmp_path):
@@ -177,3 +177,26 @@ def test_transfer_command_reads_the_views_precompute_built(tmp_path, small_fashi
     record = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
     assert record["targets"] == "views" and record["view_cache"]["dtype"] == "float16"
     assert sorted(record["view_cache"]["keys"]) == sorted(p.parent.name for p in (PredictionCache().root / "views").glob("*/meta.json"))
+
+
+def test_dp_routes_on_full_precision_even_from_float16_logits(tmp_path):
+    """Teacher and original student nearly tie on every sample: float16 logits alone would scramble the routing."""
+    transfer_set, pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    original = model(0, "original")
+    teacher_module = SmallNet(0)
+    with torch.no_grad():  # the same network, its logits shifted by a hair in a random direction
+        teacher_module.body[3].bias.add_(torch.randn(10, generator=torch.Generator().manual_seed(1)) * 1e-4)
+    teacher = Model(teacher_module, "teacher", pre)
+    source = ViewCachedTargets.for_transfer(tmp_path, [teacher], original, transfer_set, pre, "paper", 3, "float16")
+    source.ensure(1)
+    index = torch.arange(len(transfer_set))
+    batch = source.get(index, torch.zeros(len(index), 1, 12, 12), epoch=0)
+    labels = transfer_set.labels
+    from ktransfer.methods.kl import route
+
+    exact = route(source.original.views_logits(index, 0), source.teachers[0].views_logits(index, 0).unsqueeze(0), labels)
+    rounded = route(batch.original_logits, batch.teacher_logits, labels)
+    assert not torch.equal(rounded, exact)  # the rounding does flip near-ties here
+    assert torch.equal(route(batch.original_logits, batch.teacher_logits, labels, confidence=batch.routing_confidence), exact)
+    assert torch.equal(route(batch.original_logits, batch.teacher_logits, None, confidence=batch.routing_confidence),
+                       route(source.original.views_logits(index, 0), source.teachers[0].views_logits(index, 0).unsqueeze(0), None))

@@ -433,6 +433,7 @@ class Engine:
                     teacher_features=batch.teacher_features if batch else None,
                     indices=index,
                     fixed={key: value[index] for key, value in self.fixed.items()} if self.fixed is not None else None,
+                    routing_confidence=batch.routing_confidence if batch else None,
                 )
                 out = method.loss(inputs)
             if weight is not None:

@@ -50,6 +50,7 @@ class BatchTargets:
     teacher_logits: torch.Tensor | None  # [K, B, C]
     original_logits: torch.Tensor | None  # [B, C]
     teacher_features: torch.Tensor | None = None  # first teacher's, [B, D]
+    routing_confidence: torch.Tensor | None = None  # [K+1, B, 2], see StepInputs.routing_confidence
 
 
 class TargetSource:

@@ -13,6 +13,8 @@ Layout, under the prediction cache's folder::
     views/<key>/meta.json          what determines the views and the logits (the key is its hash)
     views/<key>/epoch-0003/        one folder per epoch, written whole (temporary folder, then rename)
         logits.npy                 [N, C] float16 (default) or float32, memory-mapped on read
+        confidence.npy             [N, 2] float32: the probability of the true class and the maximum
+                                   probability, from the full-precision logits (DP routes on these)
 
 Each epoch is a shard of its own: a run with fewer epochs reads a prefix, a longer one adds shards.
 """
@@ -81,6 +83,12 @@ def _differences(expected: dict, found: dict) -> list[str]:
     return [f"{name} is {found.get(name)!r}, this run needs {value!r}" for name, value in expected.items() if found.get(name) != value]
 
 
+def routing_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` float32: each sample's probability of its true class and its maximum probability."""
+    probs = logits.float().softmax(dim=-1)
+    return torch.stack([probs.gather(1, labels.view(-1, 1).long()).squeeze(1), probs.amax(dim=1)], dim=1)
+
+
 class ViewCache:
     """The views of one frozen model for one (data, student frame, recipe, seed, dtype): epoch shards on disk."""
 
@@ -90,7 +98,8 @@ class ViewCache:
         self.model, self.data, self.student_preprocess = model.for_views(), data, student_preprocess
         self.augmentation = Augmentation(seed)
         self.forward_passes = 0  # frozen-model forward passes this object ran (batches), for benchmarks
-        self._open: dict[int, np.ndarray] = {}
+        self._open: dict[str, np.ndarray] = {}
+        self._open_epoch: int | None = None
         self._check_meta()
 
     # ---- where things are
@@ -99,7 +108,7 @@ class ViewCache:
         return self.folder / f"epoch-{epoch:04d}"
 
     def has(self, epoch: int) -> bool:
-        return (self.shard(epoch) / "logits.npy").is_file()
+        return (self.shard(epoch) / "logits.npy").is_file()  # a shard folder appears whole (see build)
 
     def epochs_built(self) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("epoch-*") if (p / "logits.npy").is_file())
@@ -152,6 +161,7 @@ class ViewCache:
         tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
+            np.save(tmp / "confidence.npy", routing_confidence(logits, self.data.labels).numpy())
             np.save(tmp / "logits.npy", logits.numpy().astype(CACHE_DTYPES[self.key.dtype]))
             try:
                 os.rename(tmp, self.shard(epoch))
@@ -164,14 +174,22 @@ class ViewCache:
 
     # ---- reading
 
-    def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Float32 logits of the views of ``index`` in ``epoch`` from the shard (memory-mapped)."""
-        if epoch not in self._open:
+    def _rows(self, name: str, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self._open_epoch != epoch:  # one epoch's files open at a time, memory-mapped
             if not self.has(epoch):
                 raise ViewCacheError(f"the view cache of {self.model.name} has no epoch {epoch + 1}; build it first (ktransfer precompute, or ViewCache.build)")
-            self._open = {epoch: np.load(self.shard(epoch) / "logits.npy", mmap_mode="r")}  # one epoch open at a time
-        rows = self._open[epoch][np.asarray(index.cpu(), dtype=np.int64)]
+            self._open = {file: np.load(self.shard(epoch) / f"{file}.npy", mmap_mode="r") for file in ("logits", "confidence")}
+            self._open_epoch = epoch
+        rows = self._open[name][np.asarray(index.cpu(), dtype=np.int64)]
         return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+
+    def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Float32 logits of the views of ``index`` in ``epoch`` from the shard (as stored: maybe rounded)."""
+        return self._rows("logits", index, epoch)
+
+    def confidence(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """``[B, 2]``: true-class and maximum probability of the views, from the full-precision logits."""
+        return self._rows("confidence", index, epoch)
 
     def check(self, samples: int = 64, epochs: list[int] | None = None, seed: int = 0, device: str | torch.device = "cpu") -> dict:
         """Recompute ``samples`` random cached entries per built epoch and compare them with the stored ones.
@@ -199,6 +217,7 @@ class ViewCachedTargets(TargetSource):
     """
 
     takes_views = True
+    host_indices = True  # rows are read from files by the CPU copy of the batch's indices
 
     def __init__(self, teachers: list[ViewCache], original: ViewCache | None):
         self.teachers, self.original = teachers, original
@@ -228,7 +247,11 @@ class ViewCachedTargets(TargetSource):
 
     def get(self, indices, images, epoch: int = 0):
         device = images.device
+        confidence = None
+        if self.teachers and self.original is not None:  # what DP routes on: the original student first, as in route()
+            confidence = torch.stack([c.confidence(indices, epoch) for c in (self.original, *self.teachers)]).to(device)
         return BatchTargets(
             torch.stack([t.logits(indices, epoch) for t in self.teachers]).to(device) if self.teachers else None,
             self.original.logits(indices, epoch).to(device) if self.original is not None else None,
+            routing_confidence=confidence,
         )

@@ -54,6 +54,10 @@ class StepInputs:
     indices: torch.Tensor | None = None
     # This batch's rows of what :meth:`Method.fixed_targets` computed once over the transfer set.
     fixed: dict[str, torch.Tensor] | None = None
+    # ``[K+1, B, 2]``, original student first: each frozen model's probability of the true class and
+    # its maximum probability, from full-precision logits where the logits above were stored rounded
+    # (ktransfer.view_cache). DP routes on these when given, so rounding never changes the routing.
+    routing_confidence: torch.Tensor | None = None
 
 
 @dataclass

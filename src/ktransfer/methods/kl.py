@@ -53,7 +53,7 @@ def kl_to_target(target_logits: torch.Tensor, student_logits: torch.Tensor, temp
     return F.kl_div(student_log_probs, target_log_probs, reduction="batchmean", log_target=True) * temperature**2
 
 
-def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, routing: str = "confidence", flips_logits: torch.Tensor | None = None) -> torch.Tensor:
+def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, routing: str = "confidence", flips_logits: torch.Tensor | None = None, confidence: torch.Tensor | None = None) -> torch.Tensor:
     """Which model each sample learns from: 0 for the original student, k for teacher k (1-based).
 
     ``teacher_logits`` is ``[K, B, C]``. ``confidence`` (the paper's DP): the most confident of
@@ -61,11 +61,15 @@ def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
     ``labels`` given) or the maximum probability (``labels=None``); ties go to the original
     student, then to the earlier teacher. The other routings are the paper's ablations and need
     labels and one teacher; their flips compare the teacher with ``flips_logits``, the student
-    whose predictions decide them (default: the original student).
+    whose predictions decide them (default: the original student). ``confidence`` (``[K+1, B, 2]``:
+    probability of the true class, maximum probability) replaces the ones the logits would give,
+    for logits stored rounded (see ``StepInputs.routing_confidence``).
     """
     candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)  # [K+1, B, C]
     if routing == "self":
         return torch.zeros(original_logits.shape[0], dtype=torch.long, device=original_logits.device)
+    if routing == "confidence" and confidence is not None:
+        return confidence[..., 0 if labels is not None else 1].argmax(dim=0)  # ties: as below
     if routing == "confidence":
         probs = candidates.softmax(dim=-1)
         if labels is None:
@@ -143,7 +147,7 @@ class KLDistDP(Method):
         """Whether the routing reads the student being trained, so that it changes from step to step."""
         return self.params.routing in FLIP_ROUTINGS and self.params.flips_from == "current"
 
-    def targets(self, original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def targets(self, original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, student_logits: torch.Tensor | None = None, confidence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The routing ``choice`` of each sample and its target log-probabilities at temperature T.
 
         ``student_logits`` (the student being trained) decide the flips of the flip ablations when
@@ -151,7 +155,7 @@ class KLDistDP(Method):
         """
         routing_labels = labels if self.params.supervised or self.params.routing != "confidence" else None  # ablations need labels
         flips_logits = student_logits.detach() if self.flips_from_current_student else None
-        choice = route(original_logits, teacher_logits, routing_labels, self.params.routing, flips_logits)
+        choice = route(original_logits, teacher_logits, routing_labels, self.params.routing, flips_logits, confidence)
         candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)
         target_log_probs = F.log_softmax(select(candidates, choice) / self.params.temperature, dim=-1)
         return {"choice": choice, "target_log_probs": target_log_probs}
@@ -165,7 +169,7 @@ class KLDistDP(Method):
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def loss(self, inputs: StepInputs) -> LossOutput:
-        fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels, inputs.student_logits)
+        fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels, inputs.student_logits, inputs.routing_confidence)
         choice, temperature = fixed["choice"], self.params.temperature
         student_log_probs = F.log_softmax(inputs.student_logits / temperature, dim=-1)
         loss = F.kl_div(student_log_probs, fixed["target_log_probs"], reduction="batchmean", log_target=True) * temperature**2
