@@ -200,3 +200,28 @@ def test_dp_routes_on_full_precision_even_from_float16_logits(tmp_path):
     assert torch.equal(route(batch.original_logits, batch.teacher_logits, labels, confidence=batch.routing_confidence), exact)
     assert torch.equal(route(batch.original_logits, batch.teacher_logits, None, confidence=batch.routing_confidence),
                        route(source.original.views_logits(index, 0), source.teachers[0].views_logits(index, 0).unsqueeze(0), None))
+
+
+def test_top_k_cache_keeps_the_k_largest_and_renormalises(tmp_path):
+    transfer_set, pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    full = ViewCache(tmp_path, model(1, "teacher"), transfer_set, pre, seed=3, dtype="float32")
+    top = ViewCache(tmp_path, model(1, "teacher"), transfer_set, pre, seed=3, dtype="float32", top_k=3)
+    full.build(0), top.build(0)
+    assert top.folder != full.folder and top.nbytes() < full.nbytes()
+    index = torch.tensor([0, 17, 95])
+    exact, read = full.logits(index, 0), top.logits(index, 0)
+    kept = exact.topk(3, dim=1).indices
+    assert torch.equal(read.gather(1, kept), exact.gather(1, kept))
+    probs = read.softmax(dim=1)
+    renormalised = exact.gather(1, kept).softmax(dim=1)
+    assert torch.allclose(probs.gather(1, kept), renormalised) and float(probs.sum(1).sub(1).abs().max()) < 1e-6
+    assert float(probs.sum(1).sub(probs.gather(1, kept).sum(1)).max()) == 0.0  # no mass outside the top 3
+
+
+def test_kl_with_top_k_reads_a_top_k_cache_exactly(tmp_path):
+    transfer_set, eval_set = data(), data(40, seed=1)
+    settings = {**SETTINGS, "method": "kl", "top_k": 3}
+    online = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="online", **settings)
+    cached = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="views", cache_dtype="float32", cache_top_k=3, cache=PredictionCache(tmp_path), **settings)
+    assert all(torch.equal(a, b) for a, b in zip(weights(online).values(), weights(cached).values()))
+    assert cached.metrics["view_cache"]["top_k"] == 3

@@ -158,6 +158,7 @@ def transfer(
     prefetch: str = "auto",
     compile: bool = False,
     cache_dtype: str = "float16",
+    cache_top_k: int = 0,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -177,7 +178,9 @@ def transfer(
     that is exact, i.e. without augmentation, and online with it. Cached with augmentation is
     refused; ``"views"`` (augmentation only) reads the frozen outputs on the very views of this
     run from the cache folder, computing missing epochs first, stored as ``cache_dtype``
-    (``"float16"`` or ``"float32"``, exact; docs/performance.md). The record says which was used.
+    (``"float16"`` or ``"float32"``, exact) and, with ``cache_top_k`` = k > 0, only each view's k
+    largest logits (the target renormalised over them; docs/performance.md). The record says which
+    was used.
 
     Checkpoints (off unless ``checkpoint_dir`` is given; see docs/checkpoints.md): one is written
     into ``checkpoint_dir`` at the end of every epoch, after every ``checkpoint_every`` optimiser
@@ -248,7 +251,7 @@ def transfer(
                 checkpoints.log = lambda line: None
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
     with kept_as_given(student_model, *teachers):
-        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout, ranks, cache_dtype, log)
+        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout, ranks, (cache_dtype, cache_top_k), log)
     if on_result is not None:
         on_result(result)
     if checkpoints is not None and (ranks is None or ranks.is_main):
@@ -328,18 +331,18 @@ def _check_finite_logits(model: Model, logits: torch.Tensor, data: ImageData) ->
         )
 
 
-def _view_targets(teachers, original, transfer_set, student_preprocess, config: TrainConfig, cache: PredictionCache, ranks, dtype: str, log) -> ViewCachedTargets:
+def _view_targets(teachers, original, transfer_set, student_preprocess, config: TrainConfig, cache: PredictionCache, ranks, storage: tuple[str, int], log) -> ViewCachedTargets:
     """The frozen outputs on this run's augmented views, from the cache folder; missing epochs are computed now."""
     if not cache.enabled:
         raise ConfigError("targets views keeps the frozen outputs per augmented view in the prediction cache folder; give a cache (PredictionCache(folder)) or use online targets")
     if ranks is not None:
         raise ConfigError("targets views is not supported under torchrun yet; build the cache first with ktransfer precompute in one process, or use online targets")
-    source = ViewCachedTargets.for_transfer(cache.root, teachers, original, transfer_set, student_preprocess, config.augment, config.seed, dtype)
+    source = ViewCachedTargets.for_transfer(cache.root, teachers, original, transfer_set, student_preprocess, config.augment, config.seed, *storage)
     source.ensure(config.epochs, config.eval_batch_size, config.device, log=log)
     return source
 
 
-def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None, ranks: Ranks | None = None, cache_dtype: str = "float16", log=None) -> TransferResult:
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None, ranks: Ranks | None = None, view_storage: tuple[str, int] = ("float16", 0), log=None) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
@@ -363,7 +366,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
             logits = ranks.from_main((source.teacher_logits, source.original_logits) if main else None)
             source.teacher_logits, source.original_logits = (None if x is None else x.to(device) for x in logits)
     elif targets == "views" and not method.needs_features:
-        source = _view_targets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, student_model.preprocess, config, cache, ranks, cache_dtype, log)
+        source = _view_targets(teachers if method.needs_teacher else [], original if needs_original else None, transfer_set, student_model.preprocess, config, cache, ranks, view_storage, log)
     else:
         source = OnlineTargets(teachers if method.needs_teacher else [], original if needs_original else None, with_features=method.needs_features, views=config.augment != "none")
     if isinstance(source, CachedTargets) and source.teacher_logits is not None:

@@ -39,6 +39,7 @@ from .models.base import Model, Preprocess
 from .targets import BatchTargets, TargetSource
 
 FORMAT = 1
+TOP_K_GAP = 1000.0  # how far below a view's smallest kept logit the dropped classes read back (top-k caches)
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -61,22 +62,25 @@ class ViewKey:
     augment: str  # the recipe
     seed: int  # the augmentation seed (the transfer's seed)
     dtype: str
+    top_k: int = 0  # > 0: only each view's k largest logits are kept (the rest read back as far below them)
 
     def fields(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "seed": self.seed, "dtype": self.dtype}
+        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "seed": self.seed, "dtype": self.dtype, "top_k": self.top_k}
 
     @property
     def digest(self) -> str:
         return hashlib.blake2b(json.dumps(self.fields(), sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16") -> ViewKey:
+def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0) -> ViewKey:
     check_augment(augment)
     if augment == "none":
         raise ConfigError("a view cache holds outputs on augmented views; with augment none the plain prediction cache serves (targets cached)")
     if dtype not in CACHE_DTYPES:
         raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}; got {dtype!r}")
-    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype)
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"cache top-k must be 0 (every class) or a positive number of classes; got {top_k!r}")
+    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype, int(top_k))
 
 
 def _differences(expected: dict, found: dict) -> list[str]:
@@ -92,8 +96,8 @@ def routing_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 class ViewCache:
     """The views of one frozen model for one (data, student frame, recipe, seed, dtype): epoch shards on disk."""
 
-    def __init__(self, root: Path, model: Model, data: ImageData, student_preprocess: Preprocess, augment: str = "paper", seed: int = 0, dtype: str = "float16"):
-        self.key = view_key(model, data, student_preprocess, augment, seed, dtype)
+    def __init__(self, root: Path, model: Model, data: ImageData, student_preprocess: Preprocess, augment: str = "paper", seed: int = 0, dtype: str = "float16", top_k: int = 0):
+        self.key = view_key(model, data, student_preprocess, augment, seed, dtype, top_k)
         self.folder = Path(root) / "views" / self.key.digest
         self.model, self.data, self.student_preprocess = model.for_views(), data, student_preprocess
         self.augmentation = Augmentation(seed)
@@ -108,13 +112,13 @@ class ViewCache:
         return self.folder / f"epoch-{epoch:04d}"
 
     def has(self, epoch: int) -> bool:
-        return (self.shard(epoch) / "logits.npy").is_file()  # a shard folder appears whole (see build)
+        return (self.shard(epoch) / "confidence.npy").is_file()  # a shard folder appears whole (see build)
 
     def epochs_built(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("epoch-*") if (p / "logits.npy").is_file())
+        return sorted(int(p.name.split("-")[1]) for p in self.folder.glob("epoch-*") if (p / "confidence.npy").is_file())
 
     def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
+        return sum(f.stat().st_size for f in self.folder.glob("epoch-*/*.npy"))
 
     def _check_meta(self) -> None:
         """A folder whose recorded key differs from ours (copied in by hand, or a hash collision) is refused, saying why."""
@@ -162,7 +166,14 @@ class ViewCache:
         tmp.mkdir()
         try:
             np.save(tmp / "confidence.npy", routing_confidence(logits, self.data.labels).numpy())
-            np.save(tmp / "logits.npy", logits.numpy().astype(CACHE_DTYPES[self.key.dtype]))
+            store = CACHE_DTYPES[self.key.dtype]
+            if 0 < self.key.top_k < logits.shape[1]:  # the k largest logits with their classes (int16 up to 32768 classes)
+                top = logits.topk(self.key.top_k, dim=1)
+                np.save(tmp / "top_values.npy", top.values.numpy().astype(store))
+                np.save(tmp / "top_classes.npy", top.indices.numpy().astype(np.int16 if logits.shape[1] <= 2**15 else np.int32))
+                np.save(tmp / "classes.npy", np.asarray([logits.shape[1]], dtype=np.int64))
+            else:
+                np.save(tmp / "logits.npy", logits.numpy().astype(store))
             try:
                 os.rename(tmp, self.shard(epoch))
             except OSError:
@@ -174,18 +185,32 @@ class ViewCache:
 
     # ---- reading
 
-    def _rows(self, name: str, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        if self._open_epoch != epoch:  # one epoch's files open at a time, memory-mapped
+    def _load(self, epoch: int) -> dict[str, np.ndarray]:
+        """``epoch``'s files, memory-mapped (one epoch open at a time)."""
+        if self._open_epoch != epoch:
             if not self.has(epoch):
                 raise ViewCacheError(f"the view cache of {self.model.name} has no epoch {epoch + 1}; build it first (ktransfer precompute, or ViewCache.build)")
-            self._open = {file: np.load(self.shard(epoch) / f"{file}.npy", mmap_mode="r") for file in ("logits", "confidence")}
+            self._open = {file.stem: np.load(file, mmap_mode="r") for file in self.shard(epoch).glob("*.npy")}
             self._open_epoch = epoch
-        rows = self._open[name][np.asarray(index.cpu(), dtype=np.int64)]
-        return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        return self._open
+
+    def _rows(self, name: str, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        rows = self._load(epoch)[name][np.asarray(index.cpu(), dtype=np.int64)]
+        return torch.from_numpy(np.asarray(rows, dtype=np.int64 if name == "top_classes" else np.float32))
 
     def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Float32 logits of the views of ``index`` in ``epoch`` from the shard (as stored: maybe rounded)."""
-        return self._rows("logits", index, epoch)
+        """Float32 logits of the views of ``index`` in ``epoch`` from the shard (as stored: maybe rounded).
+
+        With top-k, the classes outside a view's k largest logits read back ``TOP_K_GAP`` below its
+        smallest kept one: a softmax gives them no mass (e^-1000 is 0 in float32), so the target is the
+        top-k distribution renormalised, as in the paper's top-k ablation.
+        """
+        files = self._load(epoch)
+        if "logits" in files:  # every class stored: no top-k, or k not below the number of classes
+            return self._rows("logits", index, epoch)
+        values, classes = self._rows("top_values", index, epoch), self._rows("top_classes", index, epoch)
+        out = (values.amin(dim=1, keepdim=True) - TOP_K_GAP).expand(len(values), int(files["classes"][0])).clone()
+        return out.scatter_(1, classes, values)
 
     def confidence(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """``[B, 2]``: true-class and maximum probability of the views, from the full-precision logits."""
@@ -223,8 +248,8 @@ class ViewCachedTargets(TargetSource):
         self.teachers, self.original = teachers, original
 
     @classmethod
-    def for_transfer(cls, root: Path, teachers: list[Model], original: Model | None, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16") -> "ViewCachedTargets":
-        make = lambda model: ViewCache(root, model, data, student_preprocess, augment, seed, dtype)  # noqa: E731
+    def for_transfer(cls, root: Path, teachers: list[Model], original: Model | None, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0) -> "ViewCachedTargets":
+        make = lambda model: ViewCache(root, model, data, student_preprocess, augment, seed, dtype, top_k)  # noqa: E731
         return cls([make(t) for t in teachers], make(original) if original is not None else None)
 
     @property
@@ -243,7 +268,8 @@ class ViewCachedTargets(TargetSource):
         return built
 
     def describe(self) -> dict:
-        return {"dtype": self.caches[0].key.dtype if self.caches else None, "bytes": sum(c.nbytes() for c in self.caches), "keys": [c.key.digest for c in self.caches]}
+        key = self.caches[0].key if self.caches else None
+        return {"dtype": key and key.dtype, "top_k": key and key.top_k, "bytes": sum(c.nbytes() for c in self.caches), "keys": [c.key.digest for c in self.caches]}
 
     def get(self, indices, images, epoch: int = 0):
         device = images.device

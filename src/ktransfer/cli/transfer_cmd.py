@@ -25,6 +25,7 @@ from .options import data_dir_option, parse_params
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", type=click.Choice(["cached", "online", "views"]), default=None, help="cached: teacher outputs computed once over the transfer set (the default without augmentation); online: a teacher forward pass per batch (the default with --augment paper); views (with --augment paper): the frozen outputs on each augmented view, computed once into the prediction cache and reused by every run on the same views (see ktransfer precompute).")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="--targets views: how the cached outputs are stored; float32 reproduces online targets exactly.")
+@click.option("--cache-top-k", type=click.IntRange(min=0), default=0, show_default=True, metavar="K", help="--targets views: keep only each view's K largest logits (the target renormalised over them; 0: every class).")
 @click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
 @click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
@@ -42,7 +43,7 @@ from .options import data_dir_option, parse_params
 @click.option("--compile", "compile_models", is_flag=True, help="torch.compile the student and the frozen models (the first steps then take longer).")
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, cache_dtype, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, amp, amp_frozen, channels_last, prefetch, compile_models, **data):
+def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, cache_dtype, cache_top_k, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, amp, amp_frozen, channels_last, prefetch, compile_models, **data):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -114,7 +115,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
 
     cache = PredictionCache()
     settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache,
-                    amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile_models, cache_dtype=cache_dtype)
+                    amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile_models, cache_dtype=cache_dtype, cache_top_k=cache_top_k)
     if guard:  # in the settings, so that --controls are guarded alike
         settings.update(guard=True, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1)
     saved = {}
