@@ -225,3 +225,34 @@ def test_kl_with_top_k_reads_a_top_k_cache_exactly(tmp_path):
     cached = ktransfer.transfer(model(0, "student"), model(1, "teacher"), transfer_set, eval_set, targets="views", cache_dtype="float32", cache_top_k=3, cache=PredictionCache(tmp_path), **settings)
     assert all(torch.equal(a, b) for a, b in zip(weights(online).values(), weights(cached).values()))
     assert cached.metrics["view_cache"]["top_k"] == 3
+
+
+BUILDER = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_view_cache import data, model
+from ktransfer.models.base import Preprocess
+from ktransfer.view_cache import ViewCache
+cache = ViewCache({root!r}, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3)
+original = cache.views_logits
+def slow(*args, **kwargs):  # long enough that both processes reach the shard before either has written it
+    time.sleep(1.0)
+    return original(*args, **kwargs)
+cache.views_logits = slow
+while time.time() < {start}:
+    time.sleep(0.01)
+print(cache.build(0))
+"""
+
+
+def test_processes_building_one_shard_at_once_compute_it_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = BUILDER.format(tests=str(Path(__file__).parent), root=str(tmp_path), start=time.time() + 4)
+    workers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(worker.communicate(timeout=60)[0].strip() for worker in workers)
+    assert outputs == ["False", "True"]
+    assert len(list(tmp_path.glob("views/*/epoch-0000/confidence.npy"))) == 1 and not list(tmp_path.glob("views/*/.epoch-*.tmp"))

@@ -34,6 +34,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing), waiting for any other holder.
+
+    For work several processes may start at once (parallel workers building the same cache entry):
+    the second waits, then finds the work done. The OS frees the lock if its holder dies. Where there
+    are no advisory locks, nothing is held and the callers' atomic renames keep the result whole.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` whole (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -36,6 +36,7 @@ from .augment import Augmentation, check_augment
 from .data.base import ImageData
 from .errors import ConfigError, KTransferError
 from .models.base import Model, Preprocess
+from .paths import atomic_write_bytes, waiting_lock
 from .targets import BatchTargets, TargetSource
 
 FORMAT = 1
@@ -148,20 +149,26 @@ class ViewCache:
         return torch.cat(out) if out else torch.empty(0)
 
     def build(self, epoch: int, batch_size: int = 256, device: str | torch.device = "cpu") -> bool:
-        """Compute and store ``epoch``'s shard unless it is there. Returns whether it computed it."""
+        """Compute and store ``epoch``'s shard unless it is there. Returns whether it computed it.
+
+        Processes building the same shard at once (a study's parallel workers) take turns: the
+        second waits for the first, then finds the shard built, so each shard is computed once.
+        """
         if self.has(epoch):
             return False
-        logits = self.views_logits(torch.arange(len(self.data)), epoch, batch_size, device)
-        if not torch.isfinite(logits).all():
-            raise ViewCacheError(f"{self.model.name} gives non-finite logits on the views of epoch {epoch + 1}; check the model and the data before caching")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = self.folder / "meta.json"
-        if not meta.is_file():
-            tmp = meta.with_name(f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps(self.key.fields(), indent=1) + "\n")
-            os.replace(tmp, meta)
-        # A whole folder appears at once: written aside, then renamed. Two processes building the same
-        # shard each write their own; the first rename wins and the other's copy is dropped.
+        with waiting_lock(self.folder / f".epoch-{epoch:04d}.lock"):
+            if self.has(epoch):  # built by another process while this one waited
+                return False
+            logits = self.views_logits(torch.arange(len(self.data)), epoch, batch_size, device)
+            if not torch.isfinite(logits).all():
+                raise ViewCacheError(f"{self.model.name} gives non-finite logits on the views of epoch {epoch + 1}; check the model and the data before caching")
+            if not (self.folder / "meta.json").is_file():
+                atomic_write_bytes(self.folder / "meta.json", (json.dumps(self.key.fields(), indent=1) + "\n").encode("utf-8"))
+            self._write_shard(epoch, logits)
+        return True
+
+    def _write_shard(self, epoch: int, logits: torch.Tensor) -> None:
+        """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all."""
         tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
@@ -176,12 +183,11 @@ class ViewCache:
                 np.save(tmp / "logits.npy", logits.numpy().astype(store))
             try:
                 os.rename(tmp, self.shard(epoch))
-            except OSError:
+            except OSError:  # without advisory locks another process may have renamed its copy first
                 if not self.has(epoch):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return True
 
     # ---- reading
 
