@@ -36,15 +36,7 @@ from ktransfer.predictions import PredictionCache
 from ktransfer.targets import OnlineTargets
 from ktransfer.view_cache import ViewCachedTargets
 
-
-def epoch_seconds(engine: Engine, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    engine.train_epoch()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+from bench_epoch import epoch_seconds  # a sibling script: benchmarks/ is on the path when this one runs
 
 
 def epoch_ratios(args, data, root: Path) -> None:
