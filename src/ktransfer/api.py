@@ -337,7 +337,7 @@ def _view_targets(teachers, original, transfer_set, student_preprocess, config: 
         raise ConfigError("targets views keeps the frozen outputs per augmented view in the prediction cache folder; give a cache (PredictionCache(folder)) or use online targets")
     if ranks is not None:
         raise ConfigError("targets views is not supported under torchrun yet; build the cache first with ktransfer precompute in one process, or use online targets")
-    source = ViewCachedTargets.for_transfer(cache.root, teachers, original, transfer_set, student_preprocess, config.augment, config.seed, *storage)
+    source = ViewCachedTargets.for_transfer(cache.root, teachers, original, transfer_set, student_preprocess, config.augment, config.seed, *storage, device=config.device)
     source.ensure(config.epochs, config.eval_batch_size, config.device, log=log)
     return source
 

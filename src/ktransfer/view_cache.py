@@ -103,8 +103,13 @@ class ViewCache:
         self.model, self.data, self.student_preprocess = model.for_views(), data, student_preprocess
         self.augmentation = Augmentation(seed)
         self.forward_passes = 0  # frozen-model forward passes this object ran (batches), for benchmarks
-        self._open: dict[str, np.ndarray] = {}
+        self._open: dict[str, np.ndarray | torch.Tensor] = {}
         self._open_epoch: int | None = None
+        # Where reads go: on the CPU rows come from memory-mapped files; on a GPU each epoch's
+        # arrays are copied over once and rows taken there by the device's indices, since copying
+        # rows from (pageable) host memory every step would make the step wait for the GPU.
+        self.read_device = torch.device("cpu")
+        self._classes: int | None = None
         self._check_meta()
 
     # ---- where things are
@@ -196,13 +201,20 @@ class ViewCache:
         if self._open_epoch != epoch:
             if not self.has(epoch):
                 raise ViewCacheError(f"the view cache of {self.model.name} has no epoch {epoch + 1}; build it first (ktransfer precompute, or ViewCache.build)")
-            self._open = {file.stem: np.load(file, mmap_mode="r") for file in self.shard(epoch).glob("*.npy")}
-            self._open_epoch = epoch
+            self._open = {}  # the previous epoch's arrays go first
+            arrays = {file.stem: np.load(file, mmap_mode="r") for file in self.shard(epoch).glob("*.npy")}
+            self._classes = int(arrays.pop("classes")[0]) if "classes" in arrays else None  # top-k shards: the full width
+            if self.read_device.type != "cpu":
+                arrays = {name: torch.from_numpy(np.array(array)).to(self.read_device) for name, array in arrays.items()}
+            self._open, self._open_epoch = arrays, epoch
         return self._open
 
     def _rows(self, name: str, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        rows = self._load(epoch)[name][np.asarray(index.cpu(), dtype=np.int64)]
-        return torch.from_numpy(np.asarray(rows, dtype=np.int64 if name == "top_classes" else np.float32))
+        dtype = torch.int64 if name == "top_classes" else torch.float32
+        array = self._load(epoch)[name]
+        if isinstance(array, torch.Tensor):  # on the read device already
+            return array[index].to(dtype)
+        return torch.from_numpy(np.asarray(array[np.asarray(index, dtype=np.int64)])).to(dtype)
 
     def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """Float32 logits of the views of ``index`` in ``epoch`` from the shard (as stored: maybe rounded).
@@ -215,7 +227,7 @@ class ViewCache:
         if "logits" in files:  # every class stored: no top-k, or k not below the number of classes
             return self._rows("logits", index, epoch)
         values, classes = self._rows("top_values", index, epoch), self._rows("top_classes", index, epoch)
-        out = (values.amin(dim=1, keepdim=True) - TOP_K_GAP).expand(len(values), int(files["classes"][0])).clone()
+        out = (values.amin(dim=1, keepdim=True) - TOP_K_GAP).expand(len(values), self._classes).clone()
         return out.scatter_(1, classes, values)
 
     def confidence(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -248,15 +260,18 @@ class ViewCachedTargets(TargetSource):
     """
 
     takes_views = True
-    host_indices = True  # rows are read from files by the CPU copy of the batch's indices
-
-    def __init__(self, teachers: list[ViewCache], original: ViewCache | None):
+    def __init__(self, teachers: list[ViewCache], original: ViewCache | None, device: str | torch.device = "cpu"):
         self.teachers, self.original = teachers, original
+        device = torch.device(device)
+        for cache in self.caches:
+            cache.read_device = device
+        # On the CPU rows are read from the files by the batch's CPU indices; elsewhere by the device's.
+        self.host_indices = device.type == "cpu"
 
     @classmethod
-    def for_transfer(cls, root: Path, teachers: list[Model], original: Model | None, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0) -> "ViewCachedTargets":
+    def for_transfer(cls, root: Path, teachers: list[Model], original: Model | None, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0, device: str | torch.device = "cpu") -> "ViewCachedTargets":
         make = lambda model: ViewCache(root, model, data, student_preprocess, augment, seed, dtype, top_k)  # noqa: E731
-        return cls([make(t) for t in teachers], make(original) if original is not None else None)
+        return cls([make(t) for t in teachers], make(original) if original is not None else None, device)
 
     @property
     def caches(self) -> list[ViewCache]:
