@@ -256,3 +256,14 @@ def test_processes_building_one_shard_at_once_compute_it_once(tmp_path):
     outputs = sorted(worker.communicate(timeout=60)[0].strip() for worker in workers)
     assert outputs == ["False", "True"]
     assert len(list(tmp_path.glob("views/*/epoch-0000/confidence.npy"))) == 1 and not list(tmp_path.glob("views/*/.epoch-*.tmp"))
+
+
+def test_check_of_a_top_k_cache_compares_the_kept_classes(tmp_path):
+    cache = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
+    cache.build(0)
+    assert cache.check(samples=32)[0]["ok"] is True
+    values = np.load(cache.shard(0) / "top_values.npy")
+    values[4, 0] -= 2.0
+    np.save(cache.shard(0) / "top_values.npy", values)
+    damaged = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
+    assert damaged.check(samples=96)[0]["ok"] is False
