@@ -37,6 +37,17 @@ def epoch_seconds(engine: Engine, device: str) -> float:
     return time.perf_counter() - started
 
 
+def median_epoch_seconds(engines: dict[str, Engine], repeats: int, device: str) -> dict[str, float]:
+    """Each engine's median epoch time: one warm-up epoch each, then ``repeats`` rounds, the engines interleaved."""
+    for engine in engines.values():
+        epoch_seconds(engine, device)
+    times = {key: [] for key in engines}
+    for _ in range(repeats):
+        for key, engine in engines.items():
+            times[key].append(epoch_seconds(engine, device))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--students", default=",".join(DEFAULT_ZOO))
@@ -68,13 +79,7 @@ def main() -> None:
             "dp": Engine(Model(copy.deepcopy(student.module), name, student.preprocess), create_method("kl_dp"), data, config, cached),
             "online": Engine(Model(copy.deepcopy(student.module), name, student.preprocess), create_method("kl_dp"), data, config, online),
         }
-        for engine in engines.values():  # warm-up
-            epoch_seconds(engine, device)
-        times = {key: [] for key in engines}
-        for _ in range(args.repeats):
-            for key, engine in engines.items():
-                times[key].append(epoch_seconds(engine, device))
-        med = {key: statistics.median(values) for key, values in times.items()}
+        med = median_epoch_seconds(engines, args.repeats, device)
         print(f"{name:<10}{teacher_name:<10}{med['ce']:8.2f}{med['dp']:8.2f}{med['online']:10.2f}{med['dp'] / med['ce']:8.3f}{med['online'] / med['dp']:15.2f}", flush=True)
 
 

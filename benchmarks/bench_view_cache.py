@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from ktransfer.predictions import PredictionCache
 from ktransfer.targets import OnlineTargets
 from ktransfer.view_cache import ViewCachedTargets
 
-from bench_epoch import epoch_seconds  # a sibling script: benchmarks/ is on the path when this one runs
+from bench_epoch import median_epoch_seconds  # a sibling script: benchmarks/ is on the path when this one runs
 
 
 def epoch_ratios(args, data, root: Path) -> None:
@@ -61,13 +60,7 @@ def epoch_ratios(args, data, root: Path) -> None:
             "kl views": engine("kl", views), "kl online": engine("kl", OnlineTargets([teacher], None, views=True)),
             "dp views": engine("kl_dp", views), "dp online": engine("kl_dp", OnlineTargets([teacher], original, views=True)),
         }
-        for each in engines.values():  # warm-up
-            epoch_seconds(each, device)
-        times = {key: [] for key in engines}
-        for _ in range(args.repeats):
-            for key, each in engines.items():
-                times[key].append(epoch_seconds(each, device))
-        med = {key: statistics.median(values) for key, values in times.items()}
+        med = median_epoch_seconds(engines, args.repeats, device)
         ratios = "".join(f"{med[key] / med['ce']:>{len(key) + 2}.3f}" for key in ("kl views", "kl online", "dp views", "dp online"))
         print(f"{name:<10}{teacher_name:<10}{med['ce']:7.2f}{ratios}", flush=True)
 
