@@ -1,6 +1,6 @@
 """Transfer methods, registered by name. One file per family."""
 
-from . import contrastive, kl, kl_family, mcl, supervised  # noqa: F401  (registers the methods)
+from . import contrastive, ensemble, kl, kl_family, mcl, supervised  # noqa: F401  (registers the methods)
 from .base import METHODS, Hyperparameters, LossOutput, Method, StepInputs, create_method, hparam, method_names, register_method
 
 # The paper's comparison, from the methods that overwrite the student to those that keep it.
