@@ -14,7 +14,7 @@ from .options import data_dir_option
 @click.option("--status", "show_status", is_flag=True, help="Only show how many runs are done, failed, interrupted and still to do, and the errors of the failed ones.")
 @click.option("--retry-failed", is_flag=True, help="Run the failed runs again (by default they stay recorded as failed and are skipped).")
 @click.option("--device", default=None, help="Torch device for the runs, e.g. cuda (default: the config's, else cpu).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="Where the runs execute: local (this process, one after another; the default unless the config says otherwise) or ray (Ray tasks, several at a time; needs ktransfer[ray]). See docs/scale.md.")
+@click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default=None, help="Where the runs execute: local (this process, one after another; the default unless the config says otherwise), processes (worker processes on this machine, as many as its CPUs hold at cpus_per_run threads each; no extra needed) or ray (Ray tasks, several at a time; needs ktransfer[ray]). See docs/scale.md.")
 @click.option("--address", default=None, help="With --executor ray: the address of a running Ray cluster (default: start a local Ray instance sized to this machine).")
 @click.option("--no-controls", is_flag=True, help="Skip the ce and self controls (by default each runs once per student, learning rate and seed; the config's 'controls' key chooses them).")
 @data_dir_option

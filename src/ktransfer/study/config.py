@@ -287,8 +287,9 @@ class StudyConfig(_Section):
     device: Text = "cpu"
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
     controls: list[Text] = Field(default_factory=lambda: list(CONTROLS))
-    # Where the runs execute: in this process one after another, or as Ray tasks (docs/scale.md).
-    executor: Literal["local", "ray"] = "local"
+    # Where the runs execute: in this process one after another, in worker processes of this machine
+    # (cpus_per_run threads each), or as Ray tasks (docs/scale.md).
+    executor: Literal["local", "processes", "ray"] = "local"
     cpus_per_run: float = Field(1.0, gt=0, allow_inf_nan=False)
     gpus_per_run: float = Field(0.0, ge=0, allow_inf_nan=False)  # fractions let small models share a card
     max_retries: StrictInt = Field(2, ge=0)  # a run whose worker process dies is tried again this often

@@ -1,4 +1,4 @@
-"""Where a study's runs execute: one after another in this process, or as Ray tasks.
+"""Where a study's runs execute: one after another in this process, in worker processes of this machine, or as Ray tasks.
 
 Either way each run is one :func:`ktransfer.transfer` call (or one control) through
 :func:`execute_run`, and the executor hands each outcome back to the runner, the only process that
@@ -9,7 +9,11 @@ submitted, and ``on_finish(run, outcome)`` when it has ended.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,11 +73,11 @@ class LocalExecutor:
         pass
 
 
-# ------------------------------------------------------------------------------------------ Ray
+# ------------------------------------------------------------- worker processes (processes and Ray)
 
 
 class _WorkerState:
-    """What a Ray worker process builds once and reuses for every run it gets: the data and the models, loaded as runs need them."""
+    """What a worker process (of the processes executor or Ray) builds once and reuses for every run it gets: the data and the models, loaded as runs need them."""
 
     def __init__(self, config: StudyConfig, device: str):
         self.config, self.device = config, device
@@ -104,6 +108,85 @@ def _run_in_worker(config: dict, run: RunSpec, device: str) -> RunOutcome:
     state = _WORKER_STATES[key]
     models = {spec: state.model(spec) for spec in (run.student, run.teacher) if spec}
     return execute_run(run, models, state.data[run.phase], device, state.cache)
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _start_worker(threads: int) -> None:
+    # Each worker computes with as many threads as CPUs it was given, so that workers do not fight
+    # over cores: independent runs in parallel processes beat one run's intra-op threads.
+    torch.set_num_threads(threads)
+
+
+class ProcessExecutor:
+    """The runs in worker processes on this machine, as many at once as ``cpus_per_run`` fits in its CPUs.
+
+    No extra is needed. Each worker is a fresh (spawned) Python process that loads the study's
+    data and models once and serves run after run, with ``cpus_per_run`` threads; teacher logits
+    come from the shared on-disk prediction cache. A worker that dies (killed, out of memory) takes
+    the pool with it: the runs it held are tried again in a new pool, each up to ``max_retries``
+    times, then recorded failed.
+    """
+
+    name = "processes"
+
+    def __init__(self, config: StudyConfig, device: str, workers: int | None = None):
+        self.config, self.device = config, device
+        self.threads = max(1, int(config.cpus_per_run))
+        self.workers = workers or max(1, usable_cpus() // self.threads)
+        self.payload = config.to_dict()
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self.threads,))
+
+    def slots(self) -> int:
+        return self.workers
+
+    def run(self, runs: list[RunSpec], on_start: Start, on_finish: Finish) -> None:
+        waiting, in_flight, attempts = list(runs), {}, {}
+        while waiting or in_flight:
+            while waiting and len(in_flight) < self.workers:
+                run = waiting.pop(0)
+                if run.key not in attempts:
+                    on_start(run)
+                attempts[run.key] = attempts.get(run.key, 0) + 1
+                in_flight[self.pool.submit(_run_in_worker, self.payload, run, self.device)] = run
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in done:
+                run = in_flight.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    if attempts[run.key] <= self.config.max_retries:
+                        waiting.insert(0, run)  # tried again first, in a new pool
+                        continue
+                    outcome = RunOutcome(error=f"its worker process died (tried {attempts[run.key]} times)")
+                except Exception as exc:  # noqa: BLE001 - e.g. a result that could not be sent back: recorded, the study goes on
+                    outcome = RunOutcome(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+                on_finish(run, outcome)
+            if broken:  # every run still in the dead pool fails the same way: gather them, then start afresh
+                for future in list(in_flight):
+                    run = in_flight.pop(future)
+                    waiting.insert(0, run)
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = self._new_pool()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ Ray
 
 
 def start_ray(address: str | None = None):
@@ -157,4 +240,6 @@ class RayExecutor:
 def make_executor(name: str, config: StudyConfig, device: str, models: dict, data: dict[str, StudyData], cache: PredictionCache, address: str | None = None):
     if name == "ray":
         return RayExecutor(config, device, address)
+    if name == "processes":
+        return ProcessExecutor(config, device)
     return LocalExecutor(models, data, device, cache)
