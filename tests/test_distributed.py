@@ -47,11 +47,12 @@ CASES = [
     ("kl_dp-online", "kl_dp", "online", False),
     ("bn-kl_dp", "kl_dp", "cached", True),
     ("bn-mcl", "xe_kl_mcl", "online", True),
+    ("mcl-cached", "xe_kl_mcl", "cached", False),  # its KL is a mean over the kept samples of the whole global batch
     ("guard-bn-kl", "kl", "cached", True),
     ("augment-kl_dp", "kl_dp", "online", False),  # the paper's augmentation: each sample's view follows its index, on any rank  # with the no-regression guard (its held-out share scored sharded too)
 ]
 SETTINGS = dict(epochs=2, batch_size=32, lr=0.2, seed=3)
-HPARAMS = {"bn-mcl": {"slow_momentum": 0.5}}  # slow weights that move within two epochs
+HPARAMS = {"bn-mcl": {"slow_momentum": 0.5}, "mcl-cached": {"slow_momentum": 0.5}}  # slow weights that move within two epochs
 
 
 def _reader(known, seed, norm=()):
@@ -167,13 +168,13 @@ def _saved_student(module, root: Path, name: str, bn: bool) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "augment-kl_dp"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "augment-kl_dp", "mcl-cached"])
 def test_two_processes_match_one_process(cases, name):
     module, root = cases
     _, method, targets, bn = next(case for case in module.CASES if case[0] == name)
     transfer_set, eval_set = module.data()
     augment = "paper" if name.startswith("augment") else "none"
-    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, augment=augment, distributed=False, **module.SETTINGS)
+    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, augment=augment, distributed=False, **module.SETTINGS, **module.HPARAMS.get(name, {}))
     two = json.loads((root / f"{name}-rank0.json").read_text())["metrics"]
     assert two["processes"] == 2 and two["batch_size"] == 32 and two["n_eval"] == 1001 and two["targets"] == targets
     # The transfer must have changed the student, or matching would say little.
@@ -185,7 +186,7 @@ def test_two_processes_match_one_process(cases, name):
         assert epoch_two["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "guard-bn-kl", "augment-kl_dp"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "mcl-cached", "guard-bn-kl", "augment-kl_dp"])
 def test_counts_are_exact_for_the_saved_student(cases, name):
     """Sharded, gathered evaluation on 1001 images (odd: uneven shards) counts each once: the same
     counts as one process gets from the saved weights, batch-norm statistics and MCL's slow weights included."""

@@ -9,6 +9,11 @@ teachers and the original student are frozen, unwrapped and never synchronised.
   the global batch, so DDP's gradient average is the gradient of the global batch's mean loss:
   the effective batch and learning rate are the one-process run's. A rank whose share of a short
   last batch is empty steps on a stand-in sample with weight 0 (DDP needs every rank to step).
+  This is exact for every method that :func:`check_distributable` lets through: ``kl``, ``kl_dp``
+  (and ``kl_dp_unsup``), ``xe_kl``, ``soft_ce`` and ``ce`` take a mean over the batch's samples;
+  ``xe_kl_mcl`` averages its KL over the samples its mask keeps, and divides by the kept count of
+  the whole global batch (all-reduced each step, :meth:`Ranks.subset_divisor`), so it is exact too.
+  (Models with batch-norm are the exception for all: see below.)
 - Evaluation: rank ``r`` predicts samples ``r, r + W, r + 2W, ...``; the predictions are gathered
   and put back by sample index before any metric, so every number is of the whole set, once.
 - Batch-norm: per-rank batch statistics in the forward pass (as DDP without SyncBatchNorm); the
@@ -103,6 +108,24 @@ class Ranks:
             parts.append(mine if len(mine) else batch[:1])  # the stand-in, weighted 0
         return (torch.cat(parts) if parts else order[:0]), weights
 
+    def subset_divisor(self, weight: float):
+        """For a step of loss weight ``weight``: this rank's count of the samples that a mean over part
+        of its batch takes (a tensor) -> the divisor of their sum that makes the mean exact.
+
+        The divisor is the subset's size over the whole global batch K (at least 1), times ``weight / W``.
+        The engine multiplies the loss by ``weight`` and DDP averages over the W ranks, so rank r's
+        sum contributes ``sum_r / K``: the global batch's mean over the subset, as in one process. A
+        stand-in (weight 0) counts nothing. Every rank must call it at the same step (one all-reduce).
+        """
+
+        def divisor(count: torch.Tensor) -> torch.Tensor:
+            total = self.sum(count.float() * (1.0 if weight > 0 else 0.0))
+            if weight == 0:  # the stand-in's loss is multiplied by 0; any finite divisor will do
+                return torch.ones_like(total)
+            return total.clamp(min=1) * (weight / self.world_size)
+
+        return divisor
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks (a new tensor)."""
         home = value.device
@@ -161,7 +184,7 @@ def check_distributable(method, extra_parameters: list) -> None:
     if method.needs_features:
         raise ConfigError(
             f"method {method.name} keeps a memory of embeddings (and trains a projection) that a distributed run would split by rank; "
-            f"run it in one process, or use kl, kl_dp, xe_kl, xe_kl_mcl, soft_ce or ce under torchrun"
+            f"run it in one process, or use kl, kl_dp, xe_kl, xe_kl_mcl, soft_ce or ce under torchrun (their gradient is the global batch's, as in one process)"
         )
     if extra_parameters:
         raise ConfigError(f"method {method.name} trains parameters outside the student, which DistributedDataParallel would not synchronise; run it in one process")

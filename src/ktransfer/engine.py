@@ -434,6 +434,7 @@ class Engine:
                     indices=index,
                     fixed={key: value[index] for key, value in self.fixed.items()} if self.fixed is not None else None,
                     routing_confidence=batch.routing_confidence if batch else None,
+                    subset_divisor=self.ranks.subset_divisor(weight) if self.ranks is not None else None,
                 )
                 out = method.loss(inputs)
             if weight is not None:
