@@ -168,14 +168,15 @@ class _ThreadRanks(Ranks):
         return total
 
 
-def _simulated_ddp_gradient(net, method, images, teacher, labels, world_size):
+def _simulated_ddp_gradient(net, method, images, teacher, labels, world_size, batch_size):
     """The gradient DDP averages over ``world_size`` ranks, each weighting its share's loss as the engine does."""
     slots, barrier, grads, errors = [None] * world_size, threading.Barrier(world_size), [None] * world_size, []
 
     def rank_step(rank):
         try:
             ranks = _ThreadRanks(rank, world_size, slots, barrier)
-            mine, (weight,) = ranks.shard(torch.arange(len(labels)), len(labels))
+            shard = ranks.shard(torch.arange(len(labels)), batch_size)
+            mine, (weight,) = shard.last if shard.last is not None else shard.full, shard.weights
             replica = copy.deepcopy(net)
             inputs = StepInputs(replica(images[mine]), labels[mine], teacher[mine][None], subset_divisor=ranks.subset_divisor(weight))
             (method.loss(inputs).loss * weight).backward()
@@ -194,11 +195,12 @@ def _simulated_ddp_gradient(net, method, images, teacher, labels, world_size):
     return [sum(per_rank) / world_size for per_rank in zip(*grads)]
 
 
-@pytest.mark.parametrize("size, world_size", [(8, 2), (7, 2), (3, 4)])
-def test_under_torchrun_the_masked_kl_gradient_is_the_global_batchs(size, world_size):
-    """Ranks that keep different numbers of samples (here 1 of 4 against 3 of 4, say) still average to the
+@pytest.mark.parametrize("size, world_size, batch_size", [(8, 2, 8), (7, 2, 8), (6, 4, 8)])
+def test_under_torchrun_the_masked_kl_gradient_is_the_global_batchs(size, world_size, batch_size):
+    """Ranks that keep different numbers of samples (2 of 4 against 4 of 4, say) still average to the
     one-process gradient: the KL is divided by the kept count of the whole global batch, not the rank's own.
-    (3 samples on 4 ranks: the fourth steps on a stand-in with weight 0, which must count nothing.)"""
+    (7 of a global batch of 8: shares of 4 and 3. 6 on 4 ranks: shares of 2, and the fourth rank steps on a
+    stand-in with weight 0, which must count nothing.)"""
     # One-hot images and a linear student: sample i's logits are the student's column i. It is right on the
     # even samples; the teacher is wrong on the first half. So the mask drops the even samples of the first half.
     torch.manual_seed(0)
@@ -213,10 +215,11 @@ def test_under_torchrun_the_masked_kl_gradient_is_the_global_batchs(size, world_
     logits = net(images)
     keep = mcl_distillation_mask(teacher, logits, labels)
     # The check is worth something only if the ranks keep different shares.
-    shares = [keep[part].float().mean() for part in torch.tensor_split(torch.arange(size), world_size) if len(part)]
+    shards = [Ranks(rank, world_size, rank).shard(torch.arange(size), batch_size) for rank in range(world_size)]
+    shares = [keep[shard.last if shard.last is not None else shard.full].float().mean() for shard in shards if shard.weights[0] > 0]
     assert 0 < keep.sum() < size and max(shares) != min(shares)
     global_grad = torch.autograd.grad(method.loss(StepInputs(logits, labels, teacher[None])).loss, list(net.parameters()))
-    ddp_grad = _simulated_ddp_gradient(net, method, images, teacher, labels, world_size)
+    ddp_grad = _simulated_ddp_gradient(net, method, images, teacher, labels, world_size, batch_size)
     largest = max(g.abs().max() for g in global_grad)
     assert largest > 1e-2
     for ours, expected in zip(ddp_grad, global_grad):
