@@ -108,7 +108,7 @@ for name, method, targets, bn in CASES:
         result.save_student(f"{out}/{name}.safetensors")
 
 # Stopped at step 6 (every process, as a crash would), after rank 0's checkpoint at step 4 (mid-epoch 1 of
-# 7 steps); the same call again resumes there.
+# 7 steps); the same call again resumes there, past a damaged newer one.
 method = create_method("kl")
 
 def crash(student, step):
@@ -121,6 +121,13 @@ try:
     ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings)
 except RuntimeError:
     pass
+# A damaged newer checkpoint: every process passes over it to step 4's, and rank 0 alone sets it aside.
+import pathlib
+import torch.distributed as dist
+if rank == 0:
+    (saved,) = pathlib.Path(f"{out}/checkpoints").glob("*-step000000004.pt")
+    saved.with_name(saved.name.replace("step000000004", "step000000005")).write_bytes(b"truncated")
+dist.barrier()
 lines = []
 settings["method"] = create_method("kl")
 result = ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings, log=lines.append)
@@ -223,8 +230,10 @@ def test_a_run_stopped_mid_epoch_resumes_from_rank_0s_checkpoint(cases):
     module, root = cases
     uninterrupted = json.loads((root / "kl-cached-rank0.json").read_text())["metrics"]
     zero, one = (json.loads((root / f"resumed-rank{rank}.json").read_text()) for rank in (0, 1))
-    assert len(zero["log"]) == 1 and zero["log"][0].startswith("resuming from") and "step 4" in zero["log"][0]
+    assert len(zero["log"]) == 2 and zero["log"][0].startswith("Warning: checkpoint") and "step000000005.pt cannot be read" in zero["log"][0]
+    assert zero["log"][1].startswith("resuming from") and "step 4" in zero["log"][1]
     assert one["log"] == []  # only rank 0 logs
+    assert len(list((root / "checkpoints").glob("*-step000000005.pt.corrupt"))) == 1  # set aside once, no rank failed
     for resumed in (zero["metrics"], one["metrics"]):
         for key in ("acc_after", "gain_count", "loss_count", "pos_flips_after", "neg_flips_after"):
             assert resumed[key] == uninterrupted[key], key

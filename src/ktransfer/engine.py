@@ -596,9 +596,15 @@ class Engine:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _load_latest(self) -> dict | None:
+        """The newest readable checkpoint; under torchrun every rank reads it, and rank 0 alone sets a damaged one aside."""
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.load_latest(set_aside=self.ranks is None or self.ranks.is_main)
+
     def resume(self) -> bool:
         """Load the newest readable checkpoint, if there is one; True if one was loaded."""
-        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        checkpoint = self._load_latest()
         if checkpoint is None:
             return False
         self.load_state_dict(checkpoint["state"])
@@ -642,7 +648,7 @@ class Engine:
     def _roll_back(self, good: dict) -> None:
         """After a NaN or infinite loss: back to the last good checkpoint (or the epoch's start), once, at half the learning rate."""
         failed_at = self.state.step
-        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        checkpoint = self._load_latest()
         self.load_state_dict(checkpoint["state"] if checkpoint is not None else good)
         self.config.lr /= 2
         for group in self.state.optimizer.param_groups:
