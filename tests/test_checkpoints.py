@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ktransfer
-from ktransfer.checkpoints import CheckpointError, RunFinishedError
+from ktransfer.checkpoints import CheckpointError, CheckpointStore, RunFinishedError
 from ktransfer.cli import main
 from ktransfer.errors import ConfigError
 from ktransfer.results import read_records
@@ -184,6 +185,37 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tmp
         assert torch.equal(value, resumed.student.state_dict()[key]), key
     assert (folder / (newest.name + ".corrupt")).exists()  # set aside, never deleted
     assert not list(folder.glob("*.pt"))
+
+
+def test_processes_sharing_a_damaged_newest_checkpoint_all_fall_back_and_one_sets_it_aside(tmp_path, monkeypatch):
+    """Under torchrun every rank reads the same folder; only rank 0 renames a damaged file aside."""
+    main, other = CheckpointStore(tmp_path, {"run": 1}), CheckpointStore(tmp_path, {"run": 1})  # rank 0's and rank 1's
+    main.save({"weights": 4}, 4)
+    newest = main.save({"weights": 8}, 8)
+    newest.write_bytes(b"truncated")
+    aside = newest.with_name(newest.name + ".corrupt")
+    # The race: rank 1 listed the damaged file, then rank 0 set it aside before rank 1 read it. Rank 1 falls
+    # back to the one before instead of raising, whether it would rename the file too or, as under torchrun, not.
+    real_load, rank_0_reading = torch.load, []
+
+    def load_after_rank_0_set_it_aside(path, *args, **kwargs):
+        if Path(path) == newest and newest.exists() and not rank_0_reading:
+            rank_0_reading.append(True)
+            assert main.load_latest()["state"] == {"weights": 4}  # rank 0, meanwhile: it renames the file
+            rank_0_reading.clear()
+        return real_load(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "load", load_after_rank_0_set_it_aside)
+        assert other.load_latest()["state"] == {"weights": 4}
+        assert aside.exists() and not newest.exists()
+        os.replace(aside, newest)
+        assert other.load_latest(set_aside=False)["state"] == {"weights": 4}
+        assert aside.exists() and not newest.exists()
+    # Without the race rank 1 passes over the file and leaves it to rank 0.
+    os.replace(aside, newest)
+    assert other.load_latest(set_aside=False)["state"] == {"weights": 4}
+    assert newest.exists() and not aside.exists()
 
 
 def test_keep_checkpoints_and_no_checkpoints_without_a_folder(tiny_data, tmp_path):

@@ -47,11 +47,15 @@ CASES = [
     ("kl_dp-online", "kl_dp", "online", False),
     ("bn-kl_dp", "kl_dp", "cached", True),
     ("bn-mcl", "xe_kl_mcl", "online", True),
+    ("mcl-cached", "xe_kl_mcl", "cached", False),  # its KL is a mean over the kept samples of the whole global batch
     ("guard-bn-kl", "kl", "cached", True),
+    ("short-bn-kl", "kl", "cached", True),  # global batch 4 over 199 images: the last batch of 3 must not give a rank one sample
     ("augment-kl_dp", "kl_dp", "online", False),  # the paper's augmentation: each sample's view follows its index, on any rank  # with the no-regression guard (its held-out share scored sharded too)
 ]
 SETTINGS = dict(epochs=2, batch_size=32, lr=0.2, seed=3)
-HPARAMS = {"bn-mcl": {"slow_momentum": 0.5}}  # slow weights that move within two epochs
+HPARAMS = {"bn-mcl": {"slow_momentum": 0.5}, "mcl-cached": {"slow_momentum": 0.5}}
+OVERRIDES = {"short-bn-kl": {"batch_size": 4}}
+TRANSFER_SIZES = {"short-bn-kl": 199}  # slow weights that move within two epochs
 
 
 def _reader(known, seed, norm=()):
@@ -74,25 +78,26 @@ def teacher():
     return _reader(range(3, 10), 1)
 
 
-def data():
+def data(transfer_size=201):
     # 201 transfer images: the last batch of 32 is short (9) and splits 5/4 over two ranks.
     # 1001 evaluation images: not divisible by two processes.
-    return ImageData(*make_images(201, seed=1), NAMES, "t"), ImageData(*make_images(1001, seed=2), NAMES, "e")
+    return ImageData(*make_images(transfer_size, seed=1), NAMES, "t"), ImageData(*make_images(1001, seed=2), NAMES, "e")
 '''
 
 SCRIPT = '''
 import json, os, sys
 import ktransfer
 from ktransfer.methods import create_method
-from ddp_cases import CASES, HPARAMS, SETTINGS, data, student, teacher
+from ddp_cases import CASES, HPARAMS, OVERRIDES, SETTINGS, TRANSFER_SIZES, data, student, teacher
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
 transfer_set, eval_set = data()
 for name, method, targets, bn in CASES:
     calls = {"epochs": 0, "results": 0}
+    case_set = data(TRANSFER_SIZES[name])[0] if name in TRANSFER_SIZES else transfer_set
     result = ktransfer.transfer(
-        student(bn), teacher(), transfer_set, eval_set, method=method, targets=targets, **SETTINGS, guard=name.startswith("guard"), augment="paper" if name.startswith("augment") else "none", **HPARAMS.get(name, {}),
+        student(bn), teacher(), case_set, eval_set, method=method, targets=targets, **{**SETTINGS, **OVERRIDES.get(name, {})}, guard=name.startswith("guard"), augment="paper" if name.startswith("augment") else "none", **HPARAMS.get(name, {}),
         on_epoch=lambda record: calls.__setitem__("epochs", calls["epochs"] + 1),
         on_result=lambda result: calls.__setitem__("results", calls["results"] + 1),
     )
@@ -103,7 +108,7 @@ for name, method, targets, bn in CASES:
         result.save_student(f"{out}/{name}.safetensors")
 
 # Stopped at step 6 (every process, as a crash would), after rank 0's checkpoint at step 4 (mid-epoch 1 of
-# 7 steps); the same call again resumes there.
+# 7 steps); the same call again resumes there, past a damaged newer one.
 method = create_method("kl")
 
 def crash(student, step):
@@ -116,6 +121,13 @@ try:
     ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings)
 except RuntimeError:
     pass
+# A damaged newer checkpoint: every process passes over it to step 4's, and rank 0 alone sets it aside.
+import pathlib
+import torch.distributed as dist
+if rank == 0:
+    (saved,) = pathlib.Path(f"{out}/checkpoints").glob("*-step000000004.pt")
+    saved.with_name(saved.name.replace("step000000004", "step000000005")).write_bytes(b"truncated")
+dist.barrier()
 lines = []
 settings["method"] = create_method("kl")
 result = ktransfer.transfer(student(False), teacher(), transfer_set, eval_set, **settings, log=lines.append)
@@ -167,13 +179,13 @@ def _saved_student(module, root: Path, name: str, bn: bool) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "augment-kl_dp"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "augment-kl_dp", "mcl-cached"])
 def test_two_processes_match_one_process(cases, name):
     module, root = cases
     _, method, targets, bn = next(case for case in module.CASES if case[0] == name)
     transfer_set, eval_set = module.data()
     augment = "paper" if name.startswith("augment") else "none"
-    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, augment=augment, distributed=False, **module.SETTINGS)
+    alone = ktransfer.transfer(module.student(bn), module.teacher(), transfer_set, eval_set, method=method, targets=targets, augment=augment, distributed=False, **module.SETTINGS, **module.HPARAMS.get(name, {}))
     two = json.loads((root / f"{name}-rank0.json").read_text())["metrics"]
     assert two["processes"] == 2 and two["batch_size"] == 32 and two["n_eval"] == 1001 and two["targets"] == targets
     # The transfer must have changed the student, or matching would say little.
@@ -185,7 +197,7 @@ def test_two_processes_match_one_process(cases, name):
         assert epoch_two["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "guard-bn-kl", "augment-kl_dp"])
+@pytest.mark.parametrize("name", ["kl-cached", "kl-online", "kl_dp-cached", "kl_dp-online", "bn-kl_dp", "bn-mcl", "mcl-cached", "guard-bn-kl", "short-bn-kl", "augment-kl_dp"])
 def test_counts_are_exact_for_the_saved_student(cases, name):
     """Sharded, gathered evaluation on 1001 images (odd: uneven shards) counts each once: the same
     counts as one process gets from the saved weights, batch-norm statistics and MCL's slow weights included."""
@@ -201,6 +213,8 @@ def test_counts_are_exact_for_the_saved_student(cases, name):
         assert record[key] == expected[key], key
     if name.startswith("guard"):
         assert record["guard_size"] == 20 and 0 <= record["guard_epoch"] <= 2
+    if name == "short-bn-kl":  # 49 full batches of 4 and a last one of 3, on two processes: it trained on all
+        assert record["n_transfer"] == 199 and record["batch_size"] == 4 and len(record["history"]) == 2
 
 
 def test_every_rank_returns_the_same_metrics_and_only_rank_0_reports(cases):
@@ -216,8 +230,10 @@ def test_a_run_stopped_mid_epoch_resumes_from_rank_0s_checkpoint(cases):
     module, root = cases
     uninterrupted = json.loads((root / "kl-cached-rank0.json").read_text())["metrics"]
     zero, one = (json.loads((root / f"resumed-rank{rank}.json").read_text()) for rank in (0, 1))
-    assert len(zero["log"]) == 1 and zero["log"][0].startswith("resuming from") and "step 4" in zero["log"][0]
+    assert len(zero["log"]) == 2 and zero["log"][0].startswith("Warning: checkpoint") and "step000000005.pt cannot be read" in zero["log"][0]
+    assert zero["log"][1].startswith("resuming from") and "step 4" in zero["log"][1]
     assert one["log"] == []  # only rank 0 logs
+    assert len(list((root / "checkpoints").glob("*-step000000005.pt.corrupt"))) == 1  # set aside once, no rank failed
     for resumed in (zero["metrics"], one["metrics"]):
         for key in ("acc_after", "gain_count", "loss_count", "pos_flips_after", "neg_flips_after"):
             assert resumed[key] == uninterrupted[key], key
@@ -228,18 +244,37 @@ def test_a_run_stopped_mid_epoch_resumes_from_rank_0s_checkpoint(cases):
 
 
 def test_a_batch_is_shared_out_with_weights_that_make_the_global_mean():
-    # Two ranks, global batch 4, ten samples: batches [0..3], [4..7], [8, 9].
-    order = torch.arange(10)
-    first, weights_first = Ranks(0, 2, 0).shard(order, 4)
-    second, weights_second = Ranks(1, 2, 1).shard(order, 4)
-    assert first.tolist() == [0, 1, 4, 5, 8] and second.tolist() == [2, 3, 6, 7, 9]
-    assert weights_first == weights_second == [1.0, 1.0, 1.0]
-    # Three ranks, global batch 6, seven samples: the last batch (one sample) goes to rank 0;
-    # the others step on a stand-in with weight 0, and the weights still average to one.
-    order = torch.arange(7)
-    parts = [Ranks(rank, 3, rank).shard(order, 6) for rank in range(3)]
-    assert [p[0].tolist() for p in parts] == [[0, 1, 6], [2, 3, 6], [4, 5, 6]]
-    assert [p[1] for p in parts] == [[1.0, 3.0], [1.0, 0.0], [1.0, 0.0]]
+    # Two ranks, global batch 4, eleven samples: batches [0..3], [4..7], and a short [8, 9, 10].
+    order = torch.arange(11)
+    first, second = Ranks(0, 2, 0).shard(order, 4), Ranks(1, 2, 1).shard(order, 4)
+    assert first.full.tolist() == [0, 1, 4, 5] and second.full.tolist() == [2, 3, 6, 7]
+    # The last batch of 3 would leave rank 1 one sample, on which batch-norm cannot train: rank 0 takes
+    # all 3 (more than its per-step 2), rank 1 steps on a stand-in of two samples with weight 0.
+    assert first.last.tolist() == [8, 9, 10] and second.last.tolist() == [8, 9]
+    assert first.weights == [1.0, 1.0, 2.0] and second.weights == [1.0, 1.0, 0.0]
+    # Without a short last batch there is no last step.
+    assert Ranks(1, 2, 1).shard(torch.arange(8), 4).last is None
+    # Three ranks, global batch 6, seven samples: the last batch (one sample) goes to rank 0, as one process
+    # has it; the others step on a stand-in with weight 0, and the weights still average to one.
+    parts = [Ranks(rank, 3, rank).shard(torch.arange(7), 6) for rank in range(3)]
+    assert [p.full.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
+    assert [p.last.tolist() for p in parts] == [[6], [6], [6]]
+    assert [p.weights for p in parts] == [[1.0, 3.0], [1.0, 0.0], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_no_rank_trains_on_one_sample_of_a_short_last_batch(world_size):
+    """Every short last batch of 2..2W-1 samples: each sample once, rank 0 always has some, no rank exactly
+    one (batch-norm fails on it), and the weights average to 1 (the global batch's mean loss)."""
+    batch_size = 2 * world_size
+    for size in range(2, batch_size):
+        shards = [Ranks(rank, world_size, rank).shard(torch.arange(size), batch_size) for rank in range(world_size)]
+        real = [shard.last.tolist() for shard in shards if shard.weights[-1] > 0]
+        assert sorted(sum(real, [])) == list(range(size)), size
+        assert shards[0].weights[-1] > 0 and all(len(shard.last) >= 2 for shard in shards), size
+        for shard in shards:
+            assert shard.weights[-1] == len(shard.last) * world_size / size or shard.weights[-1] == 0
+        assert sum(shard.weights[-1] for shard in shards) / world_size == pytest.approx(1.0)
 
 
 def test_methods_with_a_memory_of_embeddings_are_refused():

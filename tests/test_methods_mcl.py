@@ -1,12 +1,14 @@
 """XE-KL-Dist + MCL: the KL mask, slow weights in their own tensors, evaluation that leaves training alone."""
 
 import copy
+import threading
 
 import pytest
 import torch
 from torch import nn
 
 import ktransfer
+from ktransfer.distributed import Ranks
 from ktransfer.engine import Engine, Evaluator, TrainConfig
 from ktransfer.methods import create_method
 from ktransfer.methods.base import StepInputs
@@ -149,3 +151,76 @@ def test_a_student_without_trainable_parameters_is_refused_before_any_work(tiny_
     frozen = MLP(hidden=32).requires_grad_(False)
     with pytest.raises(ktransfer.errors.ConfigError, match="requires_grad_"):
         ktransfer.transfer(frozen, MLP(hidden=32), transfer_set, eval_set, method="kl", epochs=1)
+
+
+class _ThreadRanks(Ranks):
+    """A rank of a group simulated by threads of one process: ``sum`` is an all-reduce over them."""
+
+    def __init__(self, rank: int, world_size: int, slots: list, barrier: threading.Barrier):
+        super().__init__(rank, world_size, rank)
+        self.slots, self.barrier = slots, barrier
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        self.slots[self.rank] = value.detach().clone()
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(0)
+        self.barrier.wait()  # every rank has read the slots before the next sum writes them
+        return total
+
+
+def _simulated_ddp_gradient(net, method, images, teacher, labels, world_size, batch_size):
+    """The gradient DDP averages over ``world_size`` ranks, each weighting its share's loss as the engine does."""
+    slots, barrier, grads, errors = [None] * world_size, threading.Barrier(world_size), [None] * world_size, []
+
+    def rank_step(rank):
+        try:
+            ranks = _ThreadRanks(rank, world_size, slots, barrier)
+            shard = ranks.shard(torch.arange(len(labels)), batch_size)
+            mine, (weight,) = shard.last if shard.last is not None else shard.full, shard.weights
+            replica = copy.deepcopy(net)
+            inputs = StepInputs(replica(images[mine]), labels[mine], teacher[mine][None], subset_divisor=ranks.subset_divisor(weight))
+            (method.loss(inputs).loss * weight).backward()
+            grads[rank] = [p.grad for p in replica.parameters()]
+        except Exception as error:  # noqa: BLE001 - raised again in the test's thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_step, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [sum(per_rank) / world_size for per_rank in zip(*grads)]
+
+
+@pytest.mark.parametrize("size, world_size, batch_size", [(8, 2, 8), (7, 2, 8), (6, 4, 8)])
+def test_under_torchrun_the_masked_kl_gradient_is_the_global_batchs(size, world_size, batch_size):
+    """Ranks that keep different numbers of samples (2 of 4 against 4 of 4, say) still average to the
+    one-process gradient: the KL is divided by the kept count of the whole global batch, not the rank's own.
+    (7 of a global batch of 8: shares of 4 and 3. 6 on 4 ranks: shares of 2, and the fourth rank steps on a
+    stand-in with weight 0, which must count nothing.)"""
+    # One-hot images and a linear student: sample i's logits are the student's column i. It is right on the
+    # even samples; the teacher is wrong on the first half. So the mask drops the even samples of the first half.
+    torch.manual_seed(0)
+    images, labels = torch.eye(size), torch.arange(size) % 4
+    net = nn.Linear(size, 4)
+    right = torch.arange(size) % 2 == 0
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(4, size) * 0.3 + 2 * nn.functional.one_hot(torch.where(right, labels, (labels + 1) % 4), 4).T)
+    teacher_wrong = torch.arange(size) < size // 2
+    teacher = torch.randn(size, 4) + 3 * nn.functional.one_hot(torch.where(teacher_wrong, (labels + 2) % 4, labels), 4)
+    method = create_method("xe_kl_mcl", weight=0.8, temperature=2.0)
+    logits = net(images)
+    keep = mcl_distillation_mask(teacher, logits, labels)
+    # The check is worth something only if the ranks keep different shares.
+    shards = [Ranks(rank, world_size, rank).shard(torch.arange(size), batch_size) for rank in range(world_size)]
+    shares = [keep[shard.last if shard.last is not None else shard.full].float().mean() for shard in shards if shard.weights[0] > 0]
+    assert 0 < keep.sum() < size and max(shares) != min(shares)
+    global_grad = torch.autograd.grad(method.loss(StepInputs(logits, labels, teacher[None])).loss, list(net.parameters()))
+    ddp_grad = _simulated_ddp_gradient(net, method, images, teacher, labels, world_size, batch_size)
+    largest = max(g.abs().max() for g in global_grad)
+    assert largest > 1e-2
+    for ours, expected in zip(ddp_grad, global_grad):
+        assert torch.allclose(ours, expected, atol=1e-6, rtol=1e-5)

@@ -156,8 +156,13 @@ class CheckpointStore:
         except Exception:  # noqa: BLE001 - a damaged file names no settings; the refusal still stands
             return None
 
-    def load_latest(self) -> dict | None:
-        """The newest readable checkpoint of this run, or None. A damaged one is reported and set aside as ``*.corrupt``."""
+    def load_latest(self, set_aside: bool = True) -> dict | None:
+        """The newest readable checkpoint of this run, or None. A damaged one is reported and set aside as ``*.corrupt``.
+
+        Several processes may read one folder (the ranks of a torchrun launch): only the one with
+        ``set_aside`` renames a damaged file (rank 0); the others pass over it and leave it. A file
+        that another process renamed meanwhile (listed, then gone) is passed over as damaged.
+        """
         for path in reversed(self.own_files()):
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -165,7 +170,11 @@ class CheckpointStore:
                     raise ValueError("it names another configuration")
             except Exception as exc:  # noqa: BLE001 - any unreadable file is passed over the same way
                 aside = path.with_name(path.name + ".corrupt")
-                os.replace(path, aside)
+                if set_aside:
+                    try:
+                        os.replace(path, aside)
+                    except FileNotFoundError:  # another process set it aside first
+                        pass
                 self.log(f"Warning: checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); kept as {aside.name}, using the one before")
                 continue
             self.log(f"resuming from {path} ({checkpoint['where']})")

@@ -7,8 +7,16 @@ teachers and the original student are frozen, unwrapped and never synchronised.
   the global batches one process would use, and takes its share of each (``torch.tensor_split``,
   so a short last batch is spread over the ranks). Each rank's loss is weighted by its share of
   the global batch, so DDP's gradient average is the gradient of the global batch's mean loss:
-  the effective batch and learning rate are the one-process run's. A rank whose share of a short
-  last batch is empty steps on a stand-in sample with weight 0 (DDP needs every rank to step).
+  the effective batch and learning rate are the one-process run's. A short last batch of fewer
+  than ``2W`` samples goes to the first ``b // 2`` ranks only, two or three samples each, as
+  batch-norm cannot train on one (a last batch of one sample gives rank 0 one, as in one process).
+  A rank whose share of a short last batch is empty steps on a stand-in of two samples with weight
+  0 (DDP needs every rank to step).
+  This is exact for every method that :func:`check_distributable` lets through: ``kl``, ``kl_dp``
+  (and ``kl_dp_unsup``), ``xe_kl``, ``soft_ce`` and ``ce`` take a mean over the batch's samples;
+  ``xe_kl_mcl`` averages its KL over the samples its mask keeps, and divides by the kept count of
+  the whole global batch (all-reduced each step, :meth:`Ranks.subset_divisor`), so it is exact too.
+  (Models with batch-norm are the exception for all: see below.)
 - Evaluation: rank ``r`` predicts samples ``r, r + W, r + 2W, ...``; the predictions are gathered
   and put back by sample index before any metric, so every number is of the whole set, once.
 - Batch-norm: per-rank batch statistics in the forward pass (as DDP without SyncBatchNorm); the
@@ -36,6 +44,15 @@ LAUNCH_HINT = "launch it with torchrun (torchrun --nproc-per-node N -m ktransfer
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by torchrun (or another launcher that sets the same variables)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+@dataclass
+class Shard:
+    """One rank's share of an epoch (see :meth:`Ranks.shard`)."""
+
+    full: torch.Tensor  # its shares of the full global batches, one after the other
+    last: torch.Tensor | None  # its share of a short last batch (or a stand-in); None when there is none
+    weights: list[float]  # each step's loss weight, the last batch's included
 
 
 @dataclass
@@ -90,18 +107,49 @@ class Ranks:
 
     # --- training -------------------------------------------------------------------------
 
-    def shard(self, order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[float]]:
+    def shard(self, order: torch.Tensor, batch_size: int) -> Shard:
         """This rank's samples for the global batches of ``order``, and each step's loss weight.
 
-        The samples come back in one tensor that ``ImageData.batches(..., batch_size // world_size)``
-        cuts into exactly this rank's per-step batches (``batch_size`` is a multiple of the world size).
+        The full global batches are shared out equally (``batch_size`` is a multiple of the world
+        size): ``Shard.full`` holds this rank's shares in one tensor that
+        ``ImageData.batches(..., batch_size // world_size)`` cuts into exactly its per-step batches.
+        A short last batch of ``b`` samples is its own step (``Shard.last``): fewer than ``2W`` go to
+        the first ``b // 2`` ranks only, so that no rank trains on a single sample, which batch-norm
+        cannot do (a share may then exceed ``batch_size // world_size``). The ranks left without
+        samples step on a stand-in of two samples with weight 0. The weights keep the global batch's
+        mean loss either way; only a last batch of one sample gives rank 0 one sample, as one process has.
         """
-        parts, weights = [], []
+        parts, weights, last = [], [], None
         for batch in order.split(batch_size):
-            mine = torch.tensor_split(batch, self.world_size)[self.rank]
+            short = len(batch) < batch_size
+            sharing = min(self.world_size, max(len(batch) // 2, 1)) if short else self.world_size
+            mine = torch.tensor_split(batch, sharing)[self.rank] if self.rank < sharing else batch[:0]
             weights.append(len(mine) * self.world_size / len(batch))
-            parts.append(mine if len(mine) else batch[:1])  # the stand-in, weighted 0
-        return (torch.cat(parts) if parts else order[:0]), weights
+            if not len(mine):
+                mine = batch[:2]  # the stand-in, weighted 0
+            if short:
+                last = mine
+            else:
+                parts.append(mine)
+        return Shard(torch.cat(parts) if parts else order[:0], last, weights)
+
+    def subset_divisor(self, weight: float):
+        """For a step of loss weight ``weight``: this rank's count of the samples that a mean over part
+        of its batch takes (a tensor) -> the divisor of their sum that makes the mean exact.
+
+        The divisor is the subset's size over the whole global batch K (at least 1), times ``weight / W``.
+        The engine multiplies the loss by ``weight`` and DDP averages over the W ranks, so rank r's
+        sum contributes ``sum_r / K``: the global batch's mean over the subset, as in one process. A
+        stand-in (weight 0) counts nothing. Every rank must call it at the same step (one all-reduce).
+        """
+
+        def divisor(count: torch.Tensor) -> torch.Tensor:
+            total = self.sum(count.float() * (1.0 if weight > 0 else 0.0))
+            if weight == 0:  # the stand-in's loss is multiplied by 0; any finite divisor will do
+                return torch.ones_like(total)
+            return total.clamp(min=1) * (weight / self.world_size)
+
+        return divisor
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks (a new tensor)."""
@@ -161,7 +209,7 @@ def check_distributable(method, extra_parameters: list) -> None:
     if method.needs_features:
         raise ConfigError(
             f"method {method.name} keeps a memory of embeddings (and trains a projection) that a distributed run would split by rank; "
-            f"run it in one process, or use kl, kl_dp, xe_kl, xe_kl_mcl, soft_ce or ce under torchrun"
+            f"run it in one process, or use kl, kl_dp, xe_kl, xe_kl_mcl, soft_ce or ce under torchrun (their gradient is the global batch's, as in one process)"
         )
     if extra_parameters:
         raise ConfigError(f"method {method.name} trains parameters outside the student, which DistributedDataParallel would not synchronise; run it in one process")

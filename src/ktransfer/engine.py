@@ -9,6 +9,7 @@ so a run can be saved and resumed.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import signal
 import threading
@@ -332,9 +333,11 @@ class Engine:
             if isinstance(self.targets, OnlineTargets):
                 self.targets.prepare(lambda module: torch.compile(module, backend=config.compile_backend))
 
-    def _batches(self, order: torch.Tensor, batch_size: int):
-        """``(cpu_index, index, images, labels)`` for the epoch, the last three on the device."""
-        batches = self.data.batches(order, batch_size)
+    def _batches(self, order: torch.Tensor, batch_size: int, last: torch.Tensor | None = None):
+        """``(cpu_index, index, images, labels)`` for the epoch, the last three on the device; ``last``: one more batch, of its own size."""
+        batches = self.data.batches(order, batch_size) if len(order) else iter(())
+        if last is not None:
+            batches = itertools.chain(batches, self.data.batches(last, len(last)))
         prefetch = self.config.prefetch == "on" or (self.config.prefetch == "auto" and torch.device(self.config.device).type == "cuda")
         return Prefetcher(batches, self.config.device) if prefetch else plain_batches(batches, self.config.device)
 
@@ -405,14 +408,15 @@ class Engine:
             loss_sum, stat_sums, batches = sums["loss"], dict(sums["stats"]), sums["batches"]
         # Under torchrun: this rank's share of each global batch, and the loss weight that makes
         # DDP's gradient average the global batch's (see ktransfer.distributed).
-        weights, local_batch_size = None, config.batch_size
+        weights, local_batch_size, last = None, config.batch_size, None
         if self.ranks is not None:
-            order, weights = self.ranks.shard(order, config.batch_size)
+            shard = self.ranks.shard(order, config.batch_size)
+            order, last, weights = shard.full, shard.last, shard.weights
             local_batch_size = config.batch_size // self.ranks.world_size
         # Augmentation parameters are drawn from the CPU indices (see ktransfer.augment). One copy of
         # the batch's sample indices on the device serves the cached targets, the precomputed targets
         # and the method (CRD's memory), instead of one copy each.
-        for step_in_epoch, (sample_index, index, images, labels) in enumerate(self._batches(order, local_batch_size)):
+        for step_in_epoch, (sample_index, index, images, labels) in enumerate(self._batches(order, local_batch_size, last)):
             weight = weights[step_in_epoch] if weights is not None else None
             images = self._views(images, sample_index, state.epoch)
             if self.channels_last and images.dim() == 4:
@@ -434,6 +438,7 @@ class Engine:
                     indices=index,
                     fixed={key: value[index] for key, value in self.fixed.items()} if self.fixed is not None else None,
                     routing_confidence=batch.routing_confidence if batch else None,
+                    subset_divisor=self.ranks.subset_divisor(weight) if self.ranks is not None else None,
                 )
                 out = method.loss(inputs)
             if weight is not None:
@@ -591,9 +596,15 @@ class Engine:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _load_latest(self) -> dict | None:
+        """The newest readable checkpoint; under torchrun every rank reads it, and rank 0 alone sets a damaged one aside."""
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.load_latest(set_aside=self.ranks is None or self.ranks.is_main)
+
     def resume(self) -> bool:
         """Load the newest readable checkpoint, if there is one; True if one was loaded."""
-        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        checkpoint = self._load_latest()
         if checkpoint is None:
             return False
         self.load_state_dict(checkpoint["state"])
@@ -637,7 +648,7 @@ class Engine:
     def _roll_back(self, good: dict) -> None:
         """After a NaN or infinite loss: back to the last good checkpoint (or the epoch's start), once, at half the learning rate."""
         failed_at = self.state.step
-        checkpoint = self.checkpoints.load_latest() if self.checkpoints is not None else None
+        checkpoint = self._load_latest()
         self.load_state_dict(checkpoint["state"] if checkpoint is not None else good)
         self.config.lr /= 2
         for group in self.state.optimizer.param_groups:

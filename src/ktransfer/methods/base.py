@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -58,6 +58,10 @@ class StepInputs:
     # its maximum probability, from full-precision logits where the logits above were stored rounded
     # (ktransfer.view_cache). DP routes on these when given, so rounding never changes the routing.
     routing_confidence: torch.Tensor | None = None
+    # Under torchrun (ktransfer.distributed): this rank's count of the samples a mean over part of the
+    # batch is taken over (a tensor) -> the divisor of their sum that makes the averaged gradient the
+    # global batch's. None in one process: divide by the count itself.
+    subset_divisor: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The loss is XE-KL-Dist, λ · T² · KL(σ(z_t/T) ‖ σ(z_s/T)) + (1 − λ) · CE(z_s, y), except that a
 sample on which the teacher is wrong and the student being trained is right gets no KL term:
-the KL is averaged over the kept samples only, as the authors do (0 when none is kept). After every N-th optimiser step the slow weights move
+the KL is averaged over the kept samples only, as the authors do (0 when none is kept; under
+torchrun over the kept samples of the whole global batch, as in one process). After every N-th optimiser step the slow weights move
 towards the training weights, θ_slow ← τ·θ_slow + (1 − τ)·θ, for parameters and floating-point
 buffers (batch-norm statistics; integer buffers are copied). Evaluation and the returned
 student use θ_slow; training continues on θ.
@@ -32,9 +33,14 @@ def mcl_distillation_mask(teacher_logits: torch.Tensor, student_logits: torch.Te
     return ~(teacher_wrong & student_right)
 
 
-def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` over the kept samples; 0 (not NaN) when none is kept."""
-    return (values * keep).sum() / keep.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, keep: torch.Tensor, divisor=None) -> torch.Tensor:
+    """The mean of ``values`` over the kept samples; 0 (not NaN) when none is kept.
+
+    ``divisor`` (``StepInputs.subset_divisor`` under torchrun) turns this rank's kept count into
+    the divisor that makes the mean one over the kept samples of all ranks.
+    """
+    kept = keep.sum()
+    return (values * keep).sum() / (divisor(kept) if divisor is not None else kept.clamp(min=1))
 
 
 @dataclass
@@ -66,7 +72,7 @@ class XEKLDistMCL(Method):
         p = self.params
         teacher, student, labels = inputs.teacher_logits[0], inputs.student_logits, inputs.labels
         keep = mcl_distillation_mask(teacher, student, labels)
-        distillation = masked_mean(kl_per_sample(teacher, student, p.temperature, p.top_k), keep)
+        distillation = masked_mean(kl_per_sample(teacher, student, p.temperature, p.top_k), keep, inputs.subset_divisor)
         loss = p.weight * distillation + (1.0 - p.weight) * F.cross_entropy(student, labels)
         return LossOutput(loss, {"teacher_share": keep.float().mean()})
 
