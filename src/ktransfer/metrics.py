@@ -298,7 +298,9 @@ def class_concentration(counts, percents: Sequence[float] = TOP_X_PERCENTS) -> d
 
 
 def _probabilities(values) -> np.ndarray:
-    array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
+    array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    if array.dtype not in (np.float32, np.float64):  # float32 stays float32: large eval sets times many classes
+        array = array.astype(np.float64)
     if array.ndim != 2:
         raise ValueError(f"probabilities are [samples, classes]; got shape {array.shape}")
     return array
@@ -311,18 +313,22 @@ def softmax(logits) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _stacked(probabilities: Sequence) -> np.ndarray:
+def _checked(probabilities: Sequence) -> list[np.ndarray]:
     if not len(probabilities):
         raise ValueError("give the probabilities of at least one model")
     arrays = [_probabilities(p) for p in probabilities]
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"the models' probabilities differ in shape: {[a.shape for a in arrays]}")
-    return np.stack(arrays)  # [models, N, C]
+    return arrays
 
 
 def ensemble_predictions(probabilities: Sequence) -> np.ndarray:
     """Top-1 class of the mean of the models' probabilities ``[N, C]`` (ties: the lowest class index)."""
-    return _stacked(probabilities).mean(axis=0).argmax(axis=1)
+    arrays = _checked(probabilities)
+    total = arrays[0].astype(np.float64)
+    for array in arrays[1:]:
+        total += array
+    return total.argmax(axis=1)  # the sum ranks classes as the mean does
 
 
 def ensemble_accuracy(labels, probabilities: Sequence) -> float:
@@ -360,13 +366,13 @@ def ceiling(labels, probabilities: Sequence) -> dict[str, float]:
     of samples any model gets right; ``ensemble_delta``: ``ensemble_acc`` minus the student's
     accuracy (points), the gain a transfer could aim at.
     """
-    stacked = _stacked(probabilities)
-    predictions = stacked.argmax(axis=2)
-    ensemble = ensemble_accuracy(labels, list(stacked))
+    arrays = _checked(probabilities)
+    predictions = [array.argmax(axis=1) for array in arrays]
+    ensemble = ensemble_accuracy(labels, arrays)
     return {
         "ensemble_acc": ensemble,
         "ensemble_delta": ensemble - accuracy(labels, predictions[0]),
-        "oracle_acc": oracle_accuracy(labels, list(predictions)),
+        "oracle_acc": oracle_accuracy(labels, predictions),
     }
 
 
