@@ -252,6 +252,32 @@ def flip_matrices(labels, predictions: Mapping[str, object]) -> tuple[list[str],
     return names, positive, negative
 
 
+def ceiling_matrices(labels, probabilities: Mapping[str, object]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """N×N matrices of the ensemble's Δ over the student and of the oracle's accuracy (percent); row = student, column = teacher.
+
+    ``probabilities`` maps a model's name to its probabilities ``[samples, C]``. The diagonal is the
+    model with itself: ensemble Δ 0, oracle its own accuracy. ``oracle[i, j]`` equals model i's
+    accuracy plus ρ_pos(i→j).
+    """
+    names = list(probabilities)
+    (labels,) = _arrays(labels)
+    arrays = _checked([probabilities[name] for name in names])
+    predictions = [a.argmax(axis=1) for a in arrays]
+    accuracies = [accuracy(labels, p) for p in predictions]
+    ensemble = np.zeros((len(names), len(names)))
+    oracle = np.zeros((len(names), len(names)))
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if j < i:  # the ensemble and the oracle of a pair do not depend on who is the student
+                ensemble[i, j], oracle[i, j] = ensemble[j, i] + accuracies[j] - accuracies[i], oracle[j, i]
+            elif j == i:
+                oracle[i, i] = accuracies[i]
+            else:
+                ensemble[i, j] = ensemble_accuracy(labels, [arrays[i], arrays[j]]) - accuracies[i]
+                oracle[i, j] = oracle_accuracy(labels, [predictions[i], predictions[j]])
+    return names, ensemble, oracle
+
+
 def per_class_positive_flips(labels, student, teacher, num_classes: int) -> np.ndarray:
     """Counts of positive flips per true class."""
     labels, student, teacher = _arrays(labels, student, teacher)

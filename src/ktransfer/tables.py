@@ -22,13 +22,13 @@ def zoo_table(rows: list[dict], n_eval: int) -> Table:
     return table
 
 
-def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None = None) -> Table:
+def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None = None, number_format: str = ".1f") -> Table:
     table = Table(title=title or f"Complementary knowledge ρ_pos %: samples the student (row) gets wrong and the teacher (column) right; n={n_eval:,}")
     table.add_column("student \\ teacher", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for i, row_name in enumerate(names):
-        table.add_row(row_name, *["·" if i == j else _fmt(matrix[i][j], ".1f") for j in range(len(names))])
+        table.add_row(row_name, *["·" if i == j else _fmt(matrix[i][j], number_format) for j in range(len(names))])
     return table
 
 
