@@ -125,3 +125,91 @@ def test_analyze_command_prints_matrices_and_the_chosen_pair(small_fashion_mnist
     assert np.asarray(saved["per_class_positive_flips"]).shape == (3, 3, 10)
     bad = runner.invoke(main, ["analyze", "--models", "zoo:mlp,zoo:cnn", "--pair", "zoo:mlp", "--data-dir", str(small_fashion_mnist)])
     assert bad.exit_code != 0 and "--pair takes STUDENT,TEACHER" in bad.output
+
+
+# --------------------------------------------------------------------------- the ceiling and the transfer-set diagnostics
+
+
+def test_ceiling_matrices_by_hand_and_the_oracle_identity():
+    labels = [0, 1, 1]
+    probs = {
+        "A": np.array([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1]]),   # right on 0: 33.3%
+        "B": np.array([[0.45, 0.55], [0.2, 0.8], [0.55, 0.45]]),  # right on 1: 33.3%
+    }
+    predictions = {name: p.argmax(1) for name, p in probs.items()}
+    analysis = analyze_predictions(labels, predictions, ["x", "y"], probs)
+    # mean: [.525 .475] right, [.4 .6] right, [.725 .275] wrong: ensemble 66.7%, Δ +33.3 for either student
+    assert analysis.ensemble_delta[0, 1] == pytest.approx(100 / 3) and analysis.ensemble_delta[1, 0] == pytest.approx(100 / 3)
+    assert analysis.ensemble_delta[0, 0] == 0.0
+    assert analysis.oracle[0, 1] == pytest.approx(200 / 3) and analysis.oracle[1, 0] == pytest.approx(200 / 3)
+    # oracle = the student's accuracy + ρ_pos(student → teacher), on any data
+    generator = np.random.default_rng(1)
+    labels = generator.integers(0, 4, 300)
+    probs = {str(i): generator.dirichlet(np.ones(4), 300) for i in range(3)}
+    big = analyze_predictions(labels, {k: p.argmax(1) for k, p in probs.items()}, list("abcd"), probs)
+    for i, name in enumerate(big.models):
+        for j in range(3):
+            if i != j:
+                assert big.oracle[i, j] == pytest.approx(big.accuracy[name] + big.positive_flips[i, j])
+                assert big.ensemble_delta[i, j] - big.ensemble_delta[j, i] == pytest.approx(big.accuracy[big.models[j]] - big.accuracy[name])
+    loaded = ComplementarityAnalysis.from_dict(json.loads(json.dumps(big.to_dict())))
+    np.testing.assert_allclose(loaded.ensemble_delta, big.ensemble_delta)
+    np.testing.assert_allclose(loaded.oracle, big.oracle)
+    assert ComplementarityAnalysis.from_dict(analyze_predictions([0, 1], {"a": [0, 0], "b": [1, 1]}, ["x", "y"]).to_dict()).ensemble_delta is None
+
+
+def test_transfer_set_diagnostics_by_hand():
+    from ktransfer.analysis import diagnose_probabilities
+
+    # On the transfer set both models are confident and right but the teacher is right where the student is not once.
+    transfer_labels = [0, 1, 1, 0]
+    transfer = {
+        "s": np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.4], [0.9, 0.1]]),
+        "t": np.array([[0.5, 0.5], [0.0, 1.0], [0.2, 0.8], [0.8, 0.2]]),
+    }
+    held_labels = [0, 1]
+    held = {"s": np.array([[0.5, 0.5], [0.5, 0.5]]), "t": np.array([[0.7, 0.3], [0.4, 0.6]])}
+    d = diagnose_probabilities(transfer_labels, transfer, held_labels, held, transfer_name="tr", held_out_name="ho")
+    s = d.per_model["s"]
+    assert s["transfer_acc"] == 75.0 and s["transfer_true_class_probability"] == pytest.approx(100 * (1 + 1 + 0.4 + 0.9) / 4)
+    assert s["held_out_true_class_probability"] == 50.0 and s["held_out_entropy"] == pytest.approx(math.log(2))
+    assert s["transfer_entropy"] == pytest.approx((0 + 0 + (-(0.6 * math.log(0.6) + 0.4 * math.log(0.4))) + (-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))) / 4)
+    # ρ_pos(s → t) on the transfer set: sample 2 (s says 0, t says 1): 25%; held out s is right on 0 (argmax tie → class 0), t on both.
+    assert d.positive_flips_transfer[0, 1] == 25.0 and d.positive_flips_held_out[0, 1] == 50.0
+    s_to_t = next(r for r in d.routing if r["student"] == "s")
+    # routed to t: sample 2 (.8 > .4) only; ties (sample 1) stay with the student; sample 2 is useful
+    assert (s_to_t["routed_count"], s_to_t["routed_useful_count"], s_to_t["routed"], s_to_t["routed_useful"]) == (1, 1, 25.0, 100.0)
+    t_to_s = next(r for r in d.routing if r["student"] == "t")
+    # routed to s: samples 0 (1 > .5) and 3 (.9 > .8); t is right on both: nothing useful
+    assert (t_to_s["routed_count"], t_to_s["routed_useful_count"]) == (2, 0)
+    assert d.n_transfer == 4 and d.n_held_out == 2 and d.to_dict()["transfer_data"] == "tr"
+
+
+def test_analyze_command_shows_the_ceiling_and_the_transfer_set_diagnostics(small_fashion_mnist, tiny_zoo, tmp_path):
+    from ktransfer.analysis import diagnose_transfer_set
+    from ktransfer.data import fashion_mnist
+    from ktransfer.models import load_model
+
+    out = tmp_path / "analysis.json"
+    runner = CliRunner()
+    specs = ["zoo:mlp", "zoo:cnn"]
+    result = runner.invoke(main, ["analyze", "--models", ",".join(specs), "--out", str(out), "--data-dir", str(small_fashion_mnist)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for text in ("Ceiling: ensemble Δ", "Oracle %", "What the transfer set can carry", "p(true) transfer", "useful % of routed"):
+        assert text in result.output
+    saved = json.loads(out.read_text())
+    diagnostics = saved["transfer_set_diagnostics"]
+    splits = fashion_mnist.load(small_fashion_mnist)
+    # The default transfer data is the demo's transfer split, held out = the evaluation data.
+    assert diagnostics["transfer_data"] == splits.transfer.name and diagnostics["n_transfer"] == len(splits.transfer) == 100
+    assert diagnostics["held_out_data"] == splits.eval.name and diagnostics["n_held_out"] == 200
+    models = {spec: load_model(spec, data_dir=small_fashion_mnist) for spec in specs}
+    expected = diagnose_transfer_set(models, splits.transfer, splits.eval, PredictionCache(enabled=False))
+    for spec in specs:
+        assert diagnostics["per_model"][spec] == pytest.approx(expected.per_model[spec])
+    assert np.asarray(saved["ensemble_delta"]).shape == (2, 2) and np.asarray(saved["oracle_accuracy"]).shape == (2, 2)
+    other = runner.invoke(main, ["analyze", "--models", ",".join(specs), "--transfer-data", "fashion-mnist:validation", "--out", str(out), "--data-dir", str(small_fashion_mnist)])
+    assert other.exit_code == 0, other.output
+    assert json.loads(out.read_text())["transfer_set_diagnostics"]["transfer_data"] == splits.validation.name
+    skipped = runner.invoke(main, ["analyze", "--models", ",".join(specs), "--transfer-data", "none", "--data-dir", str(small_fashion_mnist)], env={"COLUMNS": "300"})
+    assert skipped.exit_code == 0 and "Ceiling: ensemble Δ" in skipped.output and "What the transfer set can carry" not in skipped.output

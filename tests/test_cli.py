@@ -1,4 +1,5 @@
 import json
+import statistics
 
 import pytest
 from click.testing import CliRunner
@@ -121,6 +122,13 @@ def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo,
         assert text in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"kl", "kl_dp"} and set(summary["controls"]) == {"ce", "self"}
+    # the ceiling: in every transfer record, the tables and the per-method summary
+    assert all(r["ensemble_delta"] == pytest.approx(r["ensemble_acc"] - r["acc_before"]) for r in transfers)
+    assert all(r["ensemble_delta"] is None and r["capture"] is None for r in controls)
+    assert "ens Δ" in result.output and "median capture" in result.output
+    positive = [r["delta"] / r["ensemble_delta"] for r in transfers if r["method"] == "kl" and r["ensemble_delta"] > 0]
+    assert summary["methods"]["kl"]["capture_pairs"] == len(positive)
+    assert positive and summary["methods"]["kl"]["median_capture"] == pytest.approx(statistics.median(positive))
     zoo = json.loads((out / "zoo.json").read_text())
     assert {row["name"] for row in zoo} == {"cnn", "vit", "mlp"}
     # a second run reuses every finished run, and the file still holds each run once, comparisons included

@@ -210,3 +210,97 @@ def test_significance_summary():
     assert summary["expected_by_chance"] == pytest.approx(0.2)
     assert summary["discoveries"] == 1  # 0.001 ≤ 0.0125; 0.04 > 0.025
     assert metrics.expected_false_positives(120) == pytest.approx(6.0)
+
+
+# --------------------------------------------------------------------------- the ceiling
+
+
+def test_ensemble_and_oracle_hand_computed():
+    labels = [0, 1, 2, 0]
+    student = np.array([[0.6, 0.3, 0.1],   # right
+                        [0.5, 0.4, 0.1],   # wrong (0)
+                        [0.2, 0.7, 0.1],   # wrong (1)
+                        [0.2, 0.5, 0.3]])  # wrong (1)
+    teacher = np.array([[0.1, 0.8, 0.1],   # wrong (1)
+                        [0.1, 0.8, 0.1],   # right
+                        [0.3, 0.3, 0.4],   # right
+                        [0.4, 0.1, 0.5]])  # wrong (2)
+    # mean: [.35 .55 .1] -> 1 wrong; [.3 .6 .1] -> 1 right; [.25 .5 .25] -> 1 wrong; [.3 .3 .4] -> 2 wrong
+    assert list(metrics.ensemble_predictions([student, teacher])) == [1, 1, 1, 2]
+    assert metrics.ensemble_accuracy(labels, [student, teacher]) == 25.0
+    assert metrics.oracle_accuracy(labels, [student.argmax(1), teacher.argmax(1)]) == 75.0
+    c = metrics.ceiling(labels, [student, teacher])
+    assert c == {"ensemble_acc": 25.0, "ensemble_delta": 0.0, "oracle_acc": 75.0}
+
+
+def test_capture_is_delta_over_ensemble_delta_and_undefined_without_a_gain():
+    assert metrics.capture(1.0, 4.0) == 0.25
+    assert metrics.capture(-0.5, 2.0) == -0.25
+    assert metrics.capture(1.0, 0.0) is None and metrics.capture(1.0, -2.0) is None
+    assert metrics.capture(None, 2.0) is None and metrics.capture(1.0, None) is None
+    assert metrics.ceiling_fields({"ensemble_acc": 80.0, "ensemble_delta": 2.0, "oracle_acc": 90.0}, 0.5) == {
+        "ensemble_acc": 80.0, "ensemble_delta": 2.0, "oracle_acc": 90.0, "capture": 0.25}
+    assert metrics.ceiling_fields(None, 0.5) == {"ensemble_acc": None, "ensemble_delta": None, "oracle_acc": None, "capture": None}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ceiling_identities(seed):
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(1, 300)), int(rng.integers(2, 8))
+    labels = rng.integers(0, c, n)
+    probs = [metrics.softmax(rng.normal(size=(n, c)) * 3) for _ in range(3)]
+    preds = [p.argmax(1) for p in probs]
+    accs = [metrics.accuracy(labels, p) for p in preds]
+    assert metrics.oracle_accuracy(labels, preds[:2]) >= max(accs[:2])
+    assert metrics.oracle_accuracy(labels, preds) >= metrics.oracle_accuracy(labels, preds[:2])  # a model more: never lower
+    # A model with itself is the model: ensemble and oracle equal its accuracy, ensemble Δ is 0.
+    assert list(metrics.ensemble_predictions([probs[0], probs[0]])) == list(preds[0])
+    assert metrics.ceiling(labels, [probs[0], probs[0]]) == {"ensemble_acc": accs[0], "ensemble_delta": 0.0, "oracle_acc": accs[0]}
+    assert metrics.ceiling(labels, [probs[0]])["ensemble_acc"] == accs[0]
+
+
+def test_the_ensemble_can_beat_the_oracle():
+    # Neither model ranks class 2 first, but their mean does: oracle ≥ ensemble is no identity.
+    labels = [2]
+    a, b = np.array([[0.5, 0.0, 0.45]]), np.array([[0.0, 0.5, 0.45]])
+    assert metrics.ensemble_accuracy(labels, [a, b]) == 100.0
+    assert metrics.oracle_accuracy(labels, [a.argmax(1), b.argmax(1)]) == 0.0
+
+
+def test_softmax_is_stable_and_sums_to_one():
+    p = metrics.softmax(np.array([[1000.0, 1000.0, -1000.0], [0.0, np.log(3.0), 0.0]]))
+    assert np.allclose(p, [[0.5, 0.5, 0.0], [0.2, 0.6, 0.2]])
+
+
+# --------------------------------------------------------------------------- transfer-set diagnostics
+
+
+def test_true_class_probability_and_entropy_hand_computed():
+    labels = [0, 2]
+    probs = np.array([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
+    assert metrics.mean_true_class_probability(labels, probs) == 50.0  # (0.5 + 0.5) / 2
+    expected = (math.log(2) + (0.5 * math.log(4) + 0.5 * math.log(2))) / 2  # ln 2 and 1.5 ln 2
+    assert math.isclose(metrics.mean_entropy(probs), expected)
+    assert metrics.mean_entropy(np.eye(3)) == 0.0
+    assert math.isclose(metrics.mean_entropy(np.full((2, 4), 0.25)), math.log(4))
+
+
+def test_dp_routing_summary_follows_kl_dp_and_counts_useful_routes():
+    import torch
+
+    from ktransfer.methods.kl import route
+
+    labels = np.array([0, 1, 2, 0, 1])
+    # true-class probabilities: student .7 .2 .3 .4 .5 ; teacher .9 .6 .3 .2 .5 -> routed 0, 1 (ties 2 and 4 stay with the student)
+    student = np.array([[.7, .2, .1], [.5, .2, .3], [.4, .3, .3], [.4, .5, .1], [.3, .5, .2]])
+    teacher = np.array([[.9, .05, .05], [.2, .6, .2], [.4, .3, .3], [.2, .7, .1], [.3, .5, .2]])
+    routed = metrics.dp_routed_to_teacher(labels, student, teacher)
+    assert list(routed) == [True, True, False, False, False]
+    # The method's own rule on the same distributions (as logits: log-probabilities) agrees.
+    choice = route(torch.tensor(np.log(student)), torch.tensor(np.log(teacher)).unsqueeze(0), torch.tensor(labels))
+    assert list(choice > 0) == list(routed)
+    s = metrics.dp_routing_summary(labels, student, teacher)
+    # routed 0: both right (not useful); routed 1: teacher right, student wrong (useful)
+    assert s == {"n": 5, "routed_count": 2, "routed": 40.0, "routed_useful_count": 1, "routed_useful": 50.0}
+    none = metrics.dp_routing_summary([0], np.array([[0.9, 0.1]]), np.array([[0.5, 0.5]]))
+    assert none["routed_count"] == 0 and math.isnan(none["routed_useful"])

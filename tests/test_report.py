@@ -24,6 +24,8 @@ DELTAS = {
     "kl_dp": {"zoo:s1": {"zoo:t1": 1.0, "zoo:t2": 1.0}, "zoo:s2": {"zoo:t1": 0.5, "zoo:t2": -0.5}, "zoo:s3": {"zoo:t1": 2.0, "zoo:t2": 1.0}},
 }
 ACCURACY = {"zoo:s1": 80.0, "zoo:s2": 85.0, "zoo:s3": 90.0, "zoo:t1": 82.0, "zoo:t2": 88.0}
+# The ensemble's Δ over the student per pair (the ceiling keys of a record).
+ENSEMBLE = {("zoo:s1", "zoo:t1"): 2.0, ("zoo:s1", "zoo:t2"): 4.0, ("zoo:s2", "zoo:t1"): -1.0, ("zoo:s2", "zoo:t2"): 1.0, ("zoo:s3", "zoo:t1"): 0.0, ("zoo:s3", "zoo:t2"): 2.0}
 
 
 def record(method, student, teacher, delta):
@@ -44,7 +46,7 @@ def folder(tmp_path):
     for method, students in DELTAS.items():
         for student, teachers in students.items():
             for teacher, delta in teachers.items():
-                append_record(folder / "results.jsonl", record(method, student, teacher, delta))
+                append_record(folder / "results.jsonl", {**record(method, student, teacher, delta), "ensemble_delta": ENSEMBLE[(student, teacher)]})
     # A sequential multi-teacher run, in the shape ktransfer.multi writes (read tolerantly).
     sequential = {**record("kl_dp", "zoo:s1", "zoo:t1", 1.25), "strategy": "sequential", "teachers": ["zoo:t1", "zoo:t2"], "history": None,
                   "stages": [{"teacher": "zoo:t1", "history": [{"epoch": 1, "delta": 0.5, "knowledge_gain": 1, "knowledge_loss": 0.5}]},
@@ -118,7 +120,7 @@ def test_report_is_self_contained_with_figures_beside_it(folder):
     result = build_report(folder)
     html_text = result.html.read_text()
     names = sorted(p.name for p in result.figures)
-    assert names == sorted(["success_rate.png", "gain_vs_loss.png", "delta_vs_gap.png", "over_epochs.png", "complementarity.png", "per_class.png"])
+    assert names == sorted(["success_rate.png", "gain_vs_loss.png", "delta_vs_gap.png", "delta_vs_ceiling.png", "over_epochs.png", "complementarity.png", "per_class.png"])
     for path in result.figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert html_text.count('src="data:image/png;base64,') == len(result.figures)
@@ -134,6 +136,10 @@ def test_report_is_self_contained_with_figures_beside_it(folder):
     assert multi[:5] == ["sequential", "kl_dp", "s1", "t1, t2", "2"] and multi[7] == "+1.25"
     assert multi[10:12] == ["+1.00", "+1.00"]  # the single-teacher kl_dp runs of s1 from t1 and t2
     assert len(tables["class-table"]) == 1 + 5 * 4  # every ordered pair of five models
+    # Capture = Δ ÷ ensemble Δ where ensemble Δ > 0: kl -1.0, -0.5, 0.25, 0.5 (median -12.5); kl_dp -0.5, 0.25, 0.5, 0.5 (median 37.5)
+    ceiling = {row[0]: row for row in tables["ceiling-table"][1:]}
+    assert ceiling["kl"][1:6] == ["6", "+1.33", "4", "-12", "-100 to 50"]
+    assert ceiling["kl_dp"][1:6] == ["6", "+1.33", "4", "38", "-50 to 50"]
 
 
 def test_report_of_a_folder_with_results_only(tmp_path):
@@ -141,7 +147,7 @@ def test_report_of_a_folder_with_results_only(tmp_path):
     append_record(folder / "results.jsonl", {**record("kl", "zoo:s1", "zoo:t1", 1.0), "history": []})
     result = build_report(folder, tmp_path / "out")
     assert result.html == tmp_path / "out" / "report.html"
-    assert sorted(p.name for p in result.figures) == ["delta_vs_gap.png", "gain_vs_loss.png", "success_rate.png"]
+    assert sorted(p.name for p in result.figures) == ["delta_vs_gap.png", "gain_vs_loss.png", "success_rate.png"]  # no ceiling keys: no ceiling figure
 
 
 def test_missing_matplotlib_names_the_extra(folder, monkeypatch):
@@ -206,7 +212,7 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
     checked = tmp_path / "checked.html"
     checked.write_text(page.read_text().replace("</body>", CHECK_IMAGES))
     dom = parse(rendered_dom(browser, checked, tmp_path / "profile"))
-    assert dom.attributes.get("data-images") == "6/6"
+    assert dom.attributes.get("data-images") == "7/7"  # the Δ-against-ceiling figure too: study records carry the ceiling keys
     # The tables as the browser built them hold the study's own numbers: with one teacher per student, the
     # per-student mean Δ is that run's Δ.
     everything = load_records(study.folder)
@@ -225,10 +231,14 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
         deltas = [r["delta"] for r in everything if r["control"] and r["method"] == kind]
         assert len(deltas) == 2 and controls[kind][3] == f"{sum(deltas) / 2:+.2f}"
     assert {row[0] for row in dom.tables["significance-table"][1:]} == {"kl", "kl_dp"}
+    ceiling = {row[0]: row for row in dom.tables["ceiling-table"][1:]}
+    for method in ("kl", "kl_dp"):
+        mine = [r for r in records if r["method"] == method]
+        assert ceiling[method][1] == "2" and ceiling[method][2] == f"{sum(r['ensemble_delta'] for r in mine) / 2:+.2f}"
     # A page with a broken image is caught by the same check.
     broken = tmp_path / "broken.html"
     broken.write_text(checked.read_text().replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1))
-    assert parse(rendered_dom(browser, broken, tmp_path / "profile")).attributes.get("data-images") == "5/6"
+    assert parse(rendered_dom(browser, broken, tmp_path / "profile")).attributes.get("data-images") == "6/7"
 
 
 def test_report_shows_predicted_against_realised_delta(folder):

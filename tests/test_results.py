@@ -79,3 +79,27 @@ def test_control_methods_are_fine_tuning_and_self_distillation():
     assert own.name == "kl_dp" and own.params.routing == "self"
     with pytest.raises(ValueError, match="unknown control"):
         control_method("teacher")
+
+
+def test_median_capture_is_over_pairs_with_a_positive_ensemble_delta_seeds_averaged():
+    from rich.console import Console
+
+    from ktransfer import tables
+
+    records = [
+        transfer_record("A", "t1", 1.0, seed=0, ensemble_delta=4.0, capture=0.25), transfer_record("A", "t1", 0.0, seed=1, ensemble_delta=4.0, capture=0.0),  # mean Δ 0.5: 12.5%
+        transfer_record("A", "t2", 1.0, ensemble_delta=2.0, capture=0.5),  # 50%
+        transfer_record("B", "t1", -0.3, ensemble_delta=1.0, capture=-0.3),  # -30%
+        transfer_record("B", "t2", 0.4, ensemble_delta=-1.0, capture=None),  # no ceiling: not counted
+        transfer_record("C", "t1", 0.2),  # an older record without the keys: not counted
+    ]
+    summary = summarize(records)["kl"]
+    assert summary["capture_pairs"] == 3 and summary["median_capture"] == pytest.approx(0.125)
+    assert summary["ceiling_pairs"] == 4 and summary["mean_ensemble_delta"] == pytest.approx((4 + 2 + 1 - 1) / 4)
+    assert summarize([transfer_record("A", "t", 1.0, ensemble_delta=0.0, capture=None)])["kl"]["median_capture"] is None
+    console = Console(width=400, record=True)
+    console.print(tables.summary_table(summarize(records), 100))
+    console.print(tables.pairs_table(records, 100))
+    text = console.export_text()
+    assert "median capture" in text and "12% (3 pairs)" in text  # 0.125 shown to the whole percent
+    assert "ens Δ" in text and "+4.00" in text and "25%" in text and "-30%" in text

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from ktransfer.cli import main
 from ktransfer.errors import KTransferError
 from ktransfer.scout import (
-    PairStatistics, ScoutedPair, ScoutPredictor, fit_predictor, flip_spread, leave_one_student_out, pair_statistics, routed_share, spearman, verdict,
+    FEATURES, PairStatistics, ScoutedPair, ScoutPredictor, check_features, fit_predictor, flip_spread, leave_one_student_out, pair_statistics, routed_share, spearman, verdict,
 )
 
 
@@ -35,6 +35,30 @@ def test_statistics_by_hand():
     softer = teacher.clone()
     softer[0] = torch.tensor([5.0, 0.0, 0.0])  # more confident than the student on sample 0: routed too
     assert routed_share(labels, student, softer) == pytest.approx(100 * 3 / 6)
+
+
+def test_ensemble_delta_by_hand_and_as_a_feature_of_a_fit():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    student = one_hot_logits([0, 0, 0, 0, 1, 2])  # right on 0, 3, 4, 5: 66.7%
+    teacher = one_hot_logits([0, 1, 2, 1, 1, 0])  # right on 0, 1, 2, 4
+    teacher[[1, 2]] *= 1.5  # more confident than the student where only the teacher is right,
+    teacher[[3, 5]] *= 0.5  # less where only the student is: the ensemble is right everywhere
+    assert pair_statistics(labels, student, teacher).ensemble_delta == pytest.approx(100.0 - 100 * 4 / 6)
+    assert pair_statistics(labels, student, student).ensemble_delta == 0.0  # a model with itself adds nothing
+    # The shipped predictor keeps its four features; a fit may add ensemble Δ, and predictions follow the file's list.
+    assert ScoutPredictor.load().features == list(FEATURES) and "ensemble_delta" not in FEATURES
+    pairs = synthetic_pairs()
+    for p, value in zip(pairs, np.linspace(-1, 3, len(pairs))):
+        p.stats.ensemble_delta = float(value)
+    names = ["ensemble_delta", "positive_flips"]
+    predictor = fit_predictor([p.stats.features(names) for p in pairs], [p.delta for p in pairs], names)
+    again = ScoutPredictor.from_dict(json.loads(json.dumps(predictor.to_dict())))
+    assert again.features == names
+    stats = pairs[3].stats
+    by_hand = again.intercept + sum(c * (x - m) / sc for c, x, m, sc in zip(again.coefficients, [stats.ensemble_delta, stats.positive_flips], again.mean, again.scale))
+    assert again.predict_pair(stats)[0] == pytest.approx(by_hand)
+    with pytest.raises(KTransferError, match="choose among"):
+        check_features(["ensemble_delta", "nonsense"])
 
 
 def test_mismatched_label_spaces_fail_in_one_line():
@@ -146,6 +170,14 @@ def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, ti
     predictor = ScoutPredictor.load(fitted)
     assert predictor.method == "kl_dp" and saved["setting"]["evaluated_on"].startswith("fashion-mnist")
     assert saved["setting"]["n_eval"] == 200  # the validation split of the small look-alike, not its test set
+    assert saved["features"] == list(FEATURES)
+    with_ceiling = tmp_path / "with-ceiling.json"
+    result = runner.invoke(main, ["scout", "--fit", str(study.folder), "-o", str(with_ceiling), "--features", "positive_flips,ensemble_delta"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "ensemble Δ alone" in result.output
+    assert json.loads(with_ceiling.read_text())["features"] == ["positive_flips", "ensemble_delta"]
+    result = runner.invoke(main, ["scout", "--fit", str(study.folder), "--features", "ensemble"])
+    assert result.exit_code != 0 and "choose among" in result.output
 
     ranking = tmp_path / "ranking.json"
     result = runner.invoke(main, [
@@ -153,7 +185,7 @@ def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, ti
         "--data", "fashion-mnist:validation", "--data-dir", str(small_fashion_mnist), "-o", str(ranking),
     ], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "zoo:mlp" in result.output and "zoo:vit" in result.output
+    assert "zoo:mlp" in result.output and "zoo:vit" in result.output and "ensemble Δ" in result.output
     written = json.loads(ranking.read_text())
     teachers = written["teachers"]
     assert {t["teacher"] for t in teachers} == {"zoo:mlp", "zoo:vit"}

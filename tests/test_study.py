@@ -138,6 +138,7 @@ def test_study_runs_every_combination_and_resumes_without_repeating(small_fashio
         record, config = json.loads(row["record"]), json.loads(row["config"])
         assert record["delta"] == pytest.approx(record["knowledge_gain"] - record["knowledge_loss"], abs=1e-9)
         assert len(record["history"]) == 1 and record["n_eval"] == 100 and record["n_transfer"] == 100
+        assert record["ensemble_delta"] == pytest.approx(record["ensemble_acc"] - record["acc_before"]) and record["oracle_acc"] >= record["acc_before"]
         assert config["lr"] == 0.01 and config["epochs"] == 1 and config["data"]["source"] == "fashion-mnist"
     # Everything the report reads is there.
     for name in ("results.jsonl", "results.csv", "zoo.json", "complementarity.json", "study.yaml"):
@@ -147,6 +148,8 @@ def test_study_runs_every_combination_and_resumes_without_repeating(small_fashio
     assert len(frame) == 4 and list(frame["delta"]) == [r["delta"] for r in records]
     assert set(frame["hparam_temperature"]) == {1.0}
     assert (study.folder / "results.csv").read_text().count("\n") == 5
+    header = (study.folder / "results.csv").read_text().splitlines()[0].split(",")
+    assert header.index("ensemble_delta") < header.index("n_eval") and "capture" in header  # among the leading columns
 
     calls = []
     monkeypatch.setattr(study_module, "transfer", lambda *a, **k: calls.append(1))

@@ -22,6 +22,7 @@ from .engine import Engine, Evaluator, TrainConfig
 from .errors import ConfigError, DataError, ModelError
 from .methods import create_method
 from .methods.base import Method
+from .metrics import ceiling, ceiling_fields, softmax
 from .models.base import Model, as_model
 from .predictions import PredictionCache
 from .targets import CachedTargets, OnlineTargets, resolve_targets
@@ -331,6 +332,12 @@ def _check_finite_logits(model: Model, logits: torch.Tensor, data: ImageData) ->
         )
 
 
+def eval_ceiling(cache: PredictionCache, student: Model, teachers: Sequence[Model], data: ImageData, device="cpu") -> dict:
+    """The ceiling (``ktransfer.metrics.ceiling``) of ``student`` with ``teachers`` on ``data``, from the cached logits of each model."""
+    logits = [cache.logits(model, data, device=device) for model in (student, *teachers)]
+    return ceiling(data.labels, [softmax(z) for z in logits])
+
+
 def _view_targets(teachers, original, transfer_set, student_preprocess, config: TrainConfig, cache: PredictionCache, ranks, storage: tuple[str, int], log) -> ViewCachedTargets:
     """The frozen outputs on this run's augmented views, from the cache folder; missing epochs are computed now."""
     if not cache.enabled:
@@ -358,6 +365,10 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     before, teacher_eval = (cache.predictions(original, eval_set, device=device), cache.predictions(teachers[0], eval_set, device=device)) if main else (None, None)
     if ranks is not None:
         before, teacher_eval = ranks.from_main((before, teacher_eval))
+    # The pair's ceiling: the ensemble of the original student and the teachers, from the logits just cached.
+    pair_ceiling = eval_ceiling(cache, original, teachers, eval_set, device) if main else None
+    if ranks is not None:
+        pair_ceiling = ranks.from_main(pair_ceiling)
     needs_original = method.needs_original
     if targets == "cached" and not method.needs_features:
         frozen = (teachers if method.needs_teacher else [], original if needs_original else None)
@@ -401,6 +412,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "method": method.name,
         **{k: final[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "n_eval", "gain_count", "loss_count", "p_value")},
         "teacher_share": final.get("teacher_share"),
+        **ceiling_fields(pair_ceiling, final["delta"]),  # ensemble_acc, ensemble_delta, oracle_acc, capture
         "epochs": config.epochs,
         "lr": config.lr,  # as asked: a rollback after a NaN loss halves the engine's own copy (the record's final_lr)
         "batch_size": config.batch_size,

@@ -26,7 +26,8 @@ from .paths import atomic_path
 
 CONTROLS = ("ce", "self")
 # The record fields of a transfer that only make sense with a teacher; a control leaves them empty.
-TEACHER_FIELDS = ("teacher_acc", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "teacher_share")
+TEACHER_FIELDS = ("teacher_acc", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "teacher_share",
+                  "ensemble_acc", "ensemble_delta", "oracle_acc", "capture")  # no teacher, no ceiling: the keys stay, empty
 # What a control must share with the transfer it is compared with.
 SETTING_KEYS = ("student", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "transfer_data", "eval_data", "augment")
 

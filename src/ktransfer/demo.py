@@ -214,6 +214,8 @@ def _run_line(record: dict) -> str:
         line += f"  vs ce {record['delta_vs_control']:+5.2f}"
     if record.get("delta_vs_self") is not None:
         line += f"  vs self {record['delta_vs_self']:+5.2f}"
+    if record.get("ensemble_delta") is not None:
+        line += f"  ens Δ {record['ensemble_delta']:+5.2f}"
     if "guard_epoch" in record:
         line += "  guard: " + ("original kept" if record["guard_epoch"] == 0 else f"epoch {record['guard_epoch']}")
     return line + f"  ({record['seconds']:.1f}s)"

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .api import TransferResult, check_compatible, kept_as_given, transfer
+from .api import TransferResult, check_compatible, eval_ceiling, kept_as_given, transfer
 from .data.base import ImageData, as_image_data
 from .errors import ConfigError, ModelError
 from .methods import create_method
 from .methods.base import Method
-from .metrics import accuracy, transfer_metrics
+from .metrics import accuracy, ceiling_fields, transfer_metrics
 from .models.base import Model, as_model
 from .predictions import PredictionCache, compute_logits
 from .targets import resolve_targets
@@ -225,6 +225,8 @@ def _outcome(run: _Run, after: torch.Tensor) -> dict:
     metrics = transfer_metrics(labels, run.first_predictions, after, joint)
     accuracies = run.teacher_accuracies
     metrics.update(teacher_acc=max(accuracies), teachers_acc=accuracies, teachers_any_right=accuracy(labels, joint))
+    # The ceiling: the ensemble of the first student and every teacher; oracle = any of them right.
+    metrics.update(ceiling_fields(eval_ceiling(run.cache, run.student, run.teachers, run.eval_set, run.settings.get("device", "cpu")), metrics["delta"]))
     return metrics
 
 

@@ -166,8 +166,31 @@ def summarize(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
             "fdr_discoveries": significance["discoveries"],
             **_versus(rows, "control", alpha),
             **_versus(rows, "self", alpha),
+            **ceiling_summary(rows),
         }
     return out
+
+
+def ceiling_summary(rows: list[dict]) -> dict:
+    """The ceiling of a method's pairs: mean ensemble Δ, and the median capture over the pairs whose ensemble Δ is positive.
+
+    A pair's capture is its mean Δ over seeds divided by its ensemble Δ (the same in every seed: the
+    models before transfer). Records without the ceiling keys (older files) do not count.
+    """
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("ensemble_delta") is None:
+            continue
+        pair = pairs.setdefault((r["student"], r["teacher"]), {"ensemble_delta": r["ensemble_delta"], "deltas": []})
+        pair["deltas"].append(r["delta"])
+    ceilings = [p["ensemble_delta"] for p in pairs.values()]
+    captures = [statistics.fmean(p["deltas"]) / p["ensemble_delta"] for p in pairs.values() if p["ensemble_delta"] > 0]
+    return {
+        "ceiling_pairs": len(pairs),
+        "mean_ensemble_delta": _mean(ceilings),
+        "capture_pairs": len(captures),  # pairs with ensemble Δ > 0, where capture is defined
+        "median_capture": statistics.median(captures) if captures else None,
+    }
 
 
 def summarize_controls(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:

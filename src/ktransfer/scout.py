@@ -9,6 +9,11 @@ predict the Δ a transfer would give:
 - ``flip_spread``     how evenly the positive flips spread over classes: their entropy over ln C
                       (1: spread evenly, 0: all in one class).
 
+A fifth statistic, ``ensemble_delta`` (the ensemble of student and teacher over the student, in
+points: the pair's ceiling), is shown beside them and can be chosen as a feature when fitting
+(``fit_study(..., features=...)``); the shipped predictor keeps the four above, and a predictor
+always predicts from the feature list stored in its file.
+
 A :class:`ScoutPredictor` (standardised features, ridge regression) maps them to a predicted Δ
 with an interval from leave-one-out residuals. It is fitted on a study's realised Δs
 (:func:`fit_study`), and :func:`leave_one_student_out` says how well it ranks pairs it has not
@@ -30,16 +35,18 @@ import torch
 
 from .data.base import ImageData
 from .errors import ConfigError, DataError
-from .metrics import accuracy, entropy, mcnemar_p_value, negative_flips, per_class_positive_flips, positive_flips
+from .metrics import accuracy, ceiling, entropy, mcnemar_p_value, negative_flips, per_class_positive_flips, positive_flips, softmax
 from .models.base import Model
 from .predictions import PredictionCache
 
-FEATURES = ("positive_flips", "teacher_share", "accuracy_gap", "flip_spread")
+FEATURES = ("positive_flips", "teacher_share", "accuracy_gap", "flip_spread")  # the default fit, and the shipped predictor's
+AVAILABLE_FEATURES = (*FEATURES, "ensemble_delta")  # what a fit may choose from (--features)
 FEATURE_LABELS = {
     "positive_flips": "ρ_pos %",
     "teacher_share": "to teacher %",
     "accuracy_gap": "acc gap",
     "flip_spread": "flip spread",
+    "ensemble_delta": "ensemble Δ",
 }
 DEFAULT_PREDICTOR = "scout_predictor.json"  # shipped inside the package
 STUDY_SCOUT_FILE = "scout.json"  # per-pair predicted and realised Δ, written into a study folder by the fit
@@ -93,6 +100,7 @@ class PairStatistics:
     student_accuracy: float
     teacher_accuracy: float
     n: int
+    ensemble_delta: float = float("nan")  # the ensemble of the two over the student, points (the pair's ceiling)
 
     def features(self, names: Sequence[str] = FEATURES) -> list[float]:
         return [float(getattr(self, name)) for name in names]
@@ -121,6 +129,7 @@ def pair_statistics(labels, student_logits: torch.Tensor, teacher_logits: torch.
         student_accuracy=student_acc,
         teacher_accuracy=teacher_acc,
         n=len(label_vector),
+        ensemble_delta=ceiling(label_vector, [softmax(student_logits.float()), softmax(teacher_logits.float())])["ensemble_delta"],
     )
 
 
@@ -242,9 +251,9 @@ class ScoutPredictor:
             raise DataError(f"{where} does not have the fields of a scouting predictor ({exc}); fit it again with 'ktransfer scout --fit'") from exc
         if not len(predictor.features) == len(predictor.mean) == len(predictor.scale) == len(predictor.coefficients):
             raise DataError(f"{where} lists {len(predictor.features)} features but {len(predictor.coefficients)} coefficients; fit it again")
-        unknown = [name for name in predictor.features if name not in FEATURES]
+        unknown = [name for name in predictor.features if name not in AVAILABLE_FEATURES]
         if unknown:
-            raise DataError(f"{where} uses features this version does not compute ({', '.join(unknown)}); known: {', '.join(FEATURES)}")
+            raise DataError(f"{where} uses features this version does not compute ({', '.join(unknown)}); known: {', '.join(AVAILABLE_FEATURES)}")
         return predictor
 
     @classmethod
@@ -518,20 +527,35 @@ class StudyFit:
         return path
 
 
-def fit_study(folder: str | Path, method: str = "kl_dp", *, score_on: str | Path | None = None, ridge: float = DEFAULT_RIDGE, coverage: float = DEFAULT_COVERAGE, resamples: int = 2000, cache: PredictionCache | None = None, device: str = "cpu", log: Callable[[str], None] | None = None) -> StudyFit:
+def check_features(names: Sequence[str]) -> list[str]:
+    """A fit's feature list: known names, each once, at least one."""
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in AVAILABLE_FEATURES]
+    if unknown or not names:
+        raise ConfigError(f"unknown feature(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose among {', '.join(AVAILABLE_FEATURES)}")
+    return names
+
+
+def fit_study(folder: str | Path, method: str = "kl_dp", *, score_on: str | Path | None = None, ridge: float = DEFAULT_RIDGE, coverage: float = DEFAULT_COVERAGE, resamples: int = 2000, cache: PredictionCache | None = None, device: str = "cpu", log: Callable[[str], None] | None = None, features: Sequence[str] = FEATURES) -> StudyFit:
     """Fit the scouting predictor on a study's pairs and check it leave-one-student-out.
 
     ``score_on`` names a second study of the same pairs and method whose Δs were measured on other
     data (the test set): the leave-one-student-out predictions are also scored against those. No
-    choice is made on it.
+    choice is made on it. ``features``: the statistics the predictor uses (``AVAILABLE_FEATURES``;
+    default the four of the shipped predictor); the file stores them, and predictions use its list.
     """
+    features = check_features(features)
     pairs, setting = study_pairs(folder, method, cache=cache, device=device, log=log)
-    evaluation = leave_one_student_out(pairs, ridge=ridge, resamples=resamples)
+    evaluation = leave_one_student_out(pairs, features, ridge=ridge, resamples=resamples)
+    known = [p for p in pairs if p.delta is not None]
+    for name in AVAILABLE_FEATURES:  # each statistic alone, for reference (ensemble Δ too)
+        if name not in evaluation["baselines"]:
+            evaluation["baselines"][name] = spearman_with_interval([p.stats.features([name])[0] for p in known], [p.delta for p in known], resamples=resamples)
     if score_on is not None:
         test = {key: r["delta"] for key, r in study_records(score_on, method).items()}
         evaluation["test"] = {**score_predictions(pairs, evaluation["predicted"], test, resamples=resamples), "study": str(Path(score_on).name)}
         evaluation["test_deltas"] = {f"{s}|{t}": d for (s, t), d in test.items()}
-    predictor = fit_predictor([p.stats.features() for p in pairs], [p.delta for p in pairs], ridge=ridge, coverage=coverage, method=method, setting=setting)
+    predictor = fit_predictor([p.stats.features(features) for p in pairs], [p.delta for p in pairs], features, ridge=ridge, coverage=coverage, method=method, setting=setting)
     predictor.evaluation = {k: v for k, v in evaluation.items() if k not in ("predicted", "test_deltas")}
     return StudyFit(predictor, pairs, evaluation)
 
@@ -631,6 +655,6 @@ def scout(student: Model | str, teachers: Sequence[Model | str], data: ImageData
 
 
 __all__ = [
-    "FEATURES", "PairStatistics", "ScoutPredictor", "ScoutResult", "ScoutedPair", "ScoutedTeacher", "StudyFit", "fit_predictor", "fit_study",
+    "AVAILABLE_FEATURES", "FEATURES", "PairStatistics", "ScoutPredictor", "ScoutResult", "ScoutedPair", "ScoutedTeacher", "StudyFit", "fit_predictor", "fit_study",
     "flip_spread", "leave_one_student_out", "pair_statistics", "routed_share", "scout", "spearman", "spearman_with_interval", "verdict",
 ]

@@ -22,13 +22,13 @@ def zoo_table(rows: list[dict], n_eval: int) -> Table:
     return table
 
 
-def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None = None) -> Table:
+def flip_matrix_table(names: list[str], matrix, n_eval: int, title: str | None = None, number_format: str = ".1f") -> Table:
     table = Table(title=title or f"Complementary knowledge ρ_pos %: samples the student (row) gets wrong and the teacher (column) right; n={n_eval:,}")
     table.add_column("student \\ teacher", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for i, row_name in enumerate(names):
-        table.add_row(row_name, *["·" if i == j else _fmt(matrix[i][j], ".1f") for j in range(len(names))])
+        table.add_row(row_name, *["·" if i == j else _fmt(matrix[i][j], number_format) for j in range(len(names))])
     return table
 
 
@@ -54,7 +54,7 @@ def pairs_table(records: list[dict], n_eval: int) -> Table:
     columns = ["method", "teacher", "student", "seed", "teacher acc", "student acc", "Δ", "p"]
     if with_controls:
         columns += ["vs ce", "vs self"]
-    columns += ["gain", "loss", "share"]
+    columns += ["gain", "loss", "share", "ens Δ", "capture"]
     if len({r.get("seed") for r in transfers}) <= 1:
         columns.remove("seed")
     for column in columns:
@@ -67,12 +67,17 @@ def pairs_table(records: list[dict], n_eval: int) -> Table:
             "teacher acc": _fmt(r["teacher_acc"]), "student acc": _fmt(r["acc_before"]), "Δ": _delta(r["delta"], r.get("p_value")), "p": _p(r.get("p_value")),
             "vs ce": _delta(r.get("delta_vs_control"), r.get("p_value_vs_control")), "vs self": _delta(r.get("delta_vs_self"), r.get("p_value_vs_self")),
             "gain": _fmt(r["knowledge_gain"]), "loss": _fmt(r["knowledge_loss"]), "share": _fmt(share, ".0%") if share is not None else "–",
+            "ens Δ": _fmt(r.get("ensemble_delta"), "+.2f"), "capture": _fmt(r.get("capture"), ".0%"),
         }
         table.add_row(*[cells[c] for c in columns])
     tests = len(transfers)
     if tests:
         below = sum(1 for r in transfers if r.get("p_value") is not None and r["p_value"] < ALPHA)
-        table.caption = f"{below} of {tests} Δs have p < {ALPHA}; about {ALPHA * tests:.1f} would by chance alone if no transfer changed anything."
+        table.caption = (
+            f"{below} of {tests} Δs have p < {ALPHA}; about {ALPHA * tests:.1f} would by chance alone if no transfer changed anything. "
+            f"ens Δ: the ensemble of student and teacher (mean of probabilities) over the student, the pair's ceiling; "
+            f"capture: Δ ÷ ens Δ (– where ens Δ ≤ 0)."
+        )
     return table
 
 
@@ -98,6 +103,7 @@ def summary_table(summary: dict[str, dict], n_eval: int, with_controls: bool = F
     columns = ["method", "pairs", "success rate", f"success, p < {ALPHA}", "mean Δ", "mean Δ, weaker teacher", "mean Δ, stronger teacher", "mean gain", "mean loss"]
     if with_controls:
         columns += ["beats ce", "beats self"]
+    columns += ["median capture"]
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for method, s in summary.items():
@@ -112,9 +118,11 @@ def summary_table(summary: dict[str, dict], n_eval: int, with_controls: bool = F
             for name in ("control", "self"):
                 compared = s[f"compared_with_{name}"]
                 cells.append(f"{s[f'beats_{name}']}/{compared} ({s[f'beats_{name}_significantly']}*), {_fmt(s[f'mean_delta_vs_{name}'], '+.2f')}" if compared else "–")
+        cells.append(f"{_fmt(s.get('median_capture'), '.0%')} ({s.get('capture_pairs', 0)} pairs)")
         table.add_row(*cells)
     table.caption = (
         f"success, p < {ALPHA}: counting only Δ > 0 with McNemar p < {ALPHA} (in brackets the number of such pairs, and how many one-sided chance "
-        f"alone gives); beats ce / self: pairs above the control (* with p < {ALPHA}), then the mean difference"
+        f"alone gives); beats ce / self: pairs above the control (* with p < {ALPHA}), then the mean difference; "
+        f"median capture: over the pairs whose ensemble beats the student, the median of mean Δ ÷ ensemble Δ"
     )
     return table

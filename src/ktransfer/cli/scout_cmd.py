@@ -18,16 +18,18 @@ SCOUT_DATA_DEFAULT = "fashion-mnist:validation"
 @click.option("--predictor", type=click.Path(dir_okay=False, path_type=Path), default=None, help="A predictor written by --fit (default: the one shipped with ktransfer, fitted on the embedded zoo).")
 @click.option("--fit", "fit_folder", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="Instead of scouting: fit a predictor on this study's realised Δs and check it leave-one-student-out.")
 @click.option("--method", default="kl_dp", show_default=True, help="--fit: the study's method whose Δ the predictor learns.")
+@click.option("--features", default=None, metavar="A,B,...", help="--fit: the statistics the predictor uses (default: positive_flips,teacher_share,accuracy_gap,flip_spread, those of the shipped predictor; ensemble_delta may be added). The file stores them and predictions use its list.")
 @click.option("--score-on", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="--fit: also score the leave-one-student-out predictions against this study's Δs of the same pairs (e.g. the same study evaluated on the test set).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="--fit: where to write the predictor JSON (default: STUDY_FOLDER/scout-predictor.json). With scouting: also write the ranking as JSON here.")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
 @data_dir_option
-def scout_command(student, teachers, data_spec, size, predictor, fit_folder, method, score_on, out, device, data_dir):
+def scout_command(student, teachers, data_spec, size, predictor, fit_folder, method, features, score_on, out, device, data_dir):
     """Rank candidate teachers for a student before training, from one forward pass of each model.
 
     Per pair it measures the positive-flip rate ρ_pos, the share of samples KL+DP would route to the
     teacher, the accuracy gap and how the flips spread over classes, and predicts the transfer's Δ
-    with an interval. A teacher whose interval lies at or below 0 is unlikely to help.
+    with an interval. It also shows the ensemble Δ (the two models' ensemble over the student: the
+    pair's ceiling). A teacher whose interval lies at or below 0 is unlikely to help.
 
     Example: ktransfer scout --student zoo:cnn --teacher zoo:mlp --teacher zoo:vit --teacher zoo:convnext
 
@@ -38,10 +40,12 @@ def scout_command(student, teachers, data_spec, size, predictor, fit_folder, met
     if fit_folder is not None:
         if student or teachers or predictor is not None:
             raise ConfigError("--fit fits a predictor from a study; leave out --student, --teacher and --predictor (scout with the fitted file afterwards)")
-        _fit(fit_folder, method, score_on, out, device)
+        _fit(fit_folder, method, score_on, out, device, features)
         return
     if score_on is not None:
         raise ConfigError("--score-on belongs to --fit STUDY_FOLDER")
+    if features is not None:
+        raise ConfigError("--features belongs to --fit STUDY_FOLDER; a predictor predicts from the features stored in its file")
     if not student or not teachers:
         raise ConfigError("name a --student and at least one --teacher to scout (or --fit STUDY_FOLDER to fit a predictor)")
     _scout(student, list(teachers), data_spec, size, predictor, out, device, data_dir)
@@ -95,24 +99,27 @@ def ranking_table(result):
         f"Teachers for {result.student}: predicted Δ of {result.method} (points) with its {result.coverage:.0%} interval; "
         f"statistics on {result.data}, n={result.n:,}{fitted}"
     ))
-    for column in ("teacher", "predicted Δ", "interval", *(FEATURE_LABELS[f] for f in FEATURES), "verdict"):
+    for column in ("teacher", "predicted Δ", "interval", *(FEATURE_LABELS[f] for f in FEATURES), FEATURE_LABELS["ensemble_delta"], "verdict"):
         table.add_column(column, justify="left" if column in ("teacher", "verdict") else "right")
     for t in result.teachers:
         table.add_row(
             t.teacher, f"{t.predicted:+.2f}", f"[{t.low:+.2f}, {t.high:+.2f}]", f"{t.stats.positive_flips:.2f}", f"{t.stats.teacher_share:.1f}",
-            f"{t.stats.accuracy_gap:+.2f}", f"{t.stats.flip_spread:.2f}", t.verdict,
+            f"{t.stats.accuracy_gap:+.2f}", f"{t.stats.flip_spread:.2f}", f"{t.stats.ensemble_delta:+.2f}", t.verdict,
         )
+    table.caption = "ensemble Δ: accuracy of the mean of student and teacher probabilities minus the student's, points (the pair's ceiling)"
     return table
 
 
-def _fit(folder: Path, method: str, score_on, out, device):
+def _fit(folder: Path, method: str, score_on, out, device, features=None):
     from rich.console import Console
 
     from ..engine import check_device
-    from ..scout import PREDICTOR_FILE, fit_study
+    from ..scout import FEATURES, PREDICTOR_FILE, check_features, fit_study
+    from .options import split_list
 
     check_device(device)
-    fit = fit_study(folder, method, score_on=score_on, device=device, log=click.echo)
+    chosen = check_features(split_list(features) or []) if features is not None else list(FEATURES)  # a bad name fails before any model runs
+    fit = fit_study(folder, method, score_on=score_on, device=device, log=click.echo, features=chosen)
     out = out if out is not None else folder / PREDICTOR_FILE
     fit.predictor.save(out)
     rows_path = fit.save_rows(folder)

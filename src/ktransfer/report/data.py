@@ -121,6 +121,22 @@ def success_summary(data: ReportData) -> list[dict]:
     return rows
 
 
+def ceiling_points(records: list[dict]) -> list[dict]:
+    """One point per (method, student, teacher) with the ceiling keys: its ensemble Δ and its Δ averaged over seeds."""
+    groups: dict[tuple, dict] = {}
+    for r in records:
+        if not is_number(r.get("ensemble_delta")) or not is_number(r.get("delta")):
+            continue
+        key = (r["method"], r["student"], r["teacher"])
+        group = groups.setdefault(key, {"method": key[0], "student": key[1], "teacher": key[2], "ensemble_delta": r["ensemble_delta"], "deltas": []})
+        group["deltas"].append(r["delta"])
+    points = []
+    for group in groups.values():
+        delta = statistics.fmean(group.pop("deltas"))
+        points.append({**group, "delta": delta, "capture": delta / group["ensemble_delta"] if group["ensemble_delta"] > 0 else None})
+    return points
+
+
 def _n_eval(records: list[dict]) -> str:
     sizes = sorted({int(r["n_eval"]) for r in records if is_number(r.get("n_eval"))})
     return " / ".join(f"{n:,}" for n in sizes) or "–"

@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..extras import require
-from .data import ReportData, histories, is_number, short, success_rates
+from .data import ReportData, ceiling_points, histories, is_number, short, success_rates
 
 
 def _figure(width: float, height: float):
@@ -231,10 +231,40 @@ def per_class_views(data: ReportData):
     return figure
 
 
+def delta_vs_ceiling(data: ReportData):
+    """Δ against the pair's ensemble Δ, one point per pair (seeds averaged), per method colour: y = x is full capture, y = 0 none."""
+    points = ceiling_points(data.records)
+    if not points:
+        return None
+    figure = _figure(6.4, 5.0)
+    axes = figure.add_subplot()
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colours = _colours(methods)
+    for method in methods:
+        mine = [p for p in points if p["method"] == method]
+        captures = [p["capture"] for p in mine if p["capture"] is not None]
+        label = f"{method}: median capture {100 * statistics.median(captures):.0f}% ({len(captures)} pairs)" if captures else f"{method}: no pair with ensemble Δ > 0"
+        axes.scatter([p["ensemble_delta"] for p in mine], [p["delta"] for p in mine], color=colours[method], s=26, edgecolors="black", linewidths=0.3, label=label, zorder=3)
+    xs = [p["ensemble_delta"] for p in points]
+    low, high = min(0.0, *xs), max(0.0, *xs)
+    span = (high - low) or 1.0
+    line = [low - 0.05 * span, high + 0.05 * span]
+    axes.plot(line, line, color="grey", linestyle="--", linewidth=1, label="y = x: the whole ensemble gain captured")
+    axes.axhline(0, color="grey", linewidth=1)
+    axes.axvline(0, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_xlabel("ensemble Δ: ensemble of student and teacher over the student (points)")
+    axes.set_ylabel("Δ transfer (points)")
+    axes.set_title(f"Transfer Δ against the pair's ceiling (n_eval {data.n_eval})", fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    return figure
+
+
 FIGURES = {
     "success_rate": (success_rate_boxplot, "Success rate per method (paper Fig. 4a)"),
     "gain_vs_loss": (gain_vs_loss, "Knowledge gain against knowledge loss (paper Fig. 7)"),
     "delta_vs_gap": (delta_vs_gap, "Δ against the teacher-student accuracy gap (paper Fig. 9)"),
+    "delta_vs_ceiling": (delta_vs_ceiling, "Δ against the ensemble's Δ, the pair's ceiling"),
     "over_epochs": (over_epochs, "Δ, gain and loss over epochs (paper Fig. 11)"),
     "complementarity": (complementarity_heatmap, "Complementary knowledge between the models"),
     "per_class": (per_class_views, "Per-class view of the complementary knowledge"),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import statistics
 import time
 
 from .. import __version__
 from ..results import ALPHA, summarize, summarize_controls
-from .data import ReportData, is_number, multi_teacher_rows, per_student, short, success_summary
+from .data import ReportData, ceiling_points, is_number, multi_teacher_rows, per_student, short, success_summary
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -76,6 +77,26 @@ def significance_table(data: ReportData) -> str:
         f"control's of the same student and setting (in brackets with p < {ALPHA}), then the mean difference",
         ["method", "runs", "median success % (p < 0.05)", "Δ > 0, p < 0.05", "Δ < 0, p < 0.05", "expected by chance", "BH discoveries (FDR 5%)", "beats ce", "beats self"],
         rows, table_id="significance-table",
+    )
+
+
+def ceiling_table(data: ReportData) -> str:
+    """Per method: the pairs' ceiling (ensemble Δ) and how much of it the transfers captured."""
+    rows = []
+    points = ceiling_points(data.records)
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = [p for p in points if p["method"] == method]
+        captures = sorted(p["capture"] for p in mine if p["capture"] is not None)
+        rows.append([
+            html.escape(method), str(len(mine)), _signed(statistics.fmean(p["ensemble_delta"] for p in mine)), f"{len(captures)}",
+            _fmt(100 * statistics.median(captures), ".0f") if captures else "–",
+            f"{_fmt(100 * captures[0], '.0f')} to {_fmt(100 * captures[-1], '.0f')}" if captures else "–",
+            _signed(statistics.fmean(p["delta"] for p in mine)),
+        ])
+    return table(
+        "The ceiling: ensemble Δ is the accuracy of the mean of student and teacher probabilities minus the student's; capture is a pair's Δ ÷ its ensemble Δ "
+        "(defined where ensemble Δ > 0; seeds averaged per pair)",
+        ["method", "pairs", "mean ensemble Δ", "pairs with ensemble Δ > 0", "median capture %", "capture range %", "mean Δ"], rows, table_id="ceiling-table",
     )
 
 
@@ -208,6 +229,8 @@ def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
     if data.records:
         add("students", "Per student", student_table(data))
         add("gain-loss", "Knowledge gain against knowledge loss", '<p class="note">One marker per run; above the diagonal the student gained more than it lost (Δ > 0).</p>', fig("gain_vs_loss"))
+        if "delta_vs_ceiling" in figures:
+            add("ceiling", "Δ against the ceiling", '<p class="note">One point per pair (seeds averaged): x the ensemble of student and teacher over the student, y the transfer\'s Δ. On the dashed line y = x a transfer gained all the ensemble gains; on y = 0 none of it.</p>', fig("delta_vs_ceiling"), ceiling_table(data))
         add("gap", "Δ against the accuracy gap", '<p class="note">Points: runs. Lines: per bin of the gap, the mean of the bin\'s best 25% of runs.</p>', fig("delta_vs_gap"))
     if "over_epochs" in figures:
         add("epochs", "Over epochs", '<p class="note">Mean over runs per epoch; the band spans the lowest to the highest run.</p>', fig("over_epochs"))

@@ -29,7 +29,7 @@ def compare_with_controls(folder: Path, records: list[dict]) -> None:
 LEADING_COLUMNS = (
     "student", "teacher", "method", "seed", "epochs", "lr", "acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain",
     "knowledge_loss", "p_value", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips",
-    "delta_neg_flips", "teacher_share", "n_eval", "n_transfer",
+    "delta_neg_flips", "teacher_share", "ensemble_acc", "ensemble_delta", "oracle_acc", "capture", "n_eval", "n_transfer",
 )
 
 
