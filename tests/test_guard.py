@@ -242,3 +242,122 @@ def test_cli_guard_with_controls_guards_them_too(small_fashion_mnist, tiny_zoo, 
     assert result.exit_code == 0, result.output
     records = read_records(out / "results.jsonl")
     assert [r["method"] for r in records] == ["ce", "self", "kl"] and all(r["guard_source"] == "val_data" for r in records)
+
+
+# ---------------------------------------------------------------- the guard never chooses on the evaluation data
+
+
+def test_the_api_refuses_val_data_that_is_or_overlaps_the_evaluation_data(tiny_data, monkeypatch):
+    transfer_set, eval_set = tiny_data
+    fresh = ImageData(*make_images(100, seed=9), NAMES, "tiny/val")
+    copy = ImageData(eval_set.images.clone(), eval_set.labels.clone(), NAMES, "tiny/eval-copy")  # another name, another fingerprint
+    part = eval_set.subset(torch.arange(0, 256, 4), "tiny/eval-quarter")
+    mixed = ImageData(torch.cat([fresh.images[:90], eval_set.images[:10]]), torch.cat([fresh.labels[:90], eval_set.labels[:10]]), NAMES, "tiny/val-mixed")
+    seen = SeenData(monkeypatch)
+    for val_data, message in (
+        (eval_set, "validation data tiny/eval is the evaluation data tiny/eval (all 256 samples)"),
+        (copy, "tiny/eval-copy is the evaluation data tiny/eval"),
+        ((eval_set.images.clone(), eval_set.labels.clone()), "is the evaluation data tiny/eval"),  # the same samples as plain tensors
+        (part, "tiny/eval-quarter lies inside the evaluation data tiny/eval (all its 64 samples"),
+        (mixed, "tiny/val-mixed shares 10 of its 100 samples with the evaluation data tiny/eval"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            ktransfer.transfer(fresh_mlp(0), fresh_mlp(1), transfer_set, eval_set, method="kl_dp", epochs=1, guard=True, val_data=val_data)
+        assert message in str(refused.value)
+        assert "fashion-mnist:validation" in str(refused.value) and "leave out val_data (--val-data)" in str(refused.value)
+    assert seen.sets == []  # refused before any training
+    # The guard's data is checked against the evaluation data, not against the transfer data it does not train on.
+    result = ktransfer.transfer(fresh_mlp(0), fresh_mlp(1), transfer_set, eval_set, method="kl_dp", epochs=1, guard=True, val_data=fresh)
+    assert result.metrics["guard_source"] == "val_data" and result.metrics["guard_size"] == 100
+
+
+def test_a_guard_holdout_of_transfer_data_that_overlaps_the_evaluation_data_is_refused(tiny_data):
+    transfer_set, eval_set = tiny_data
+    with pytest.raises(ConfigError, match=r"guard's holdout tiny/eval \(guard holdout\) lies inside the evaluation data tiny/eval.*give val_data \(--val-data\)"):
+        ktransfer.transfer(fresh_mlp(0), fresh_mlp(1), eval_set, eval_set, method="kl_dp", epochs=1, guard=True)
+    both = ImageData(torch.cat([transfer_set.images, eval_set.images]), torch.cat([transfer_set.labels, eval_set.labels]), NAMES, "tiny/both")
+    with pytest.raises(ConfigError, match=r"tiny/both \(guard holdout\) shares \d+ of its 64 samples with the evaluation data"):
+        ktransfer.transfer(fresh_mlp(0), fresh_mlp(1), both, eval_set, method="kl_dp", epochs=1, guard=True)
+    # Without the guard nothing chooses on the evaluation data: training on it is the user's call.
+    ktransfer.transfer(fresh_mlp(0), fresh_mlp(1), eval_set, eval_set, method="kl_dp", epochs=1)
+
+
+def test_every_spelling_of_the_evaluation_folder_is_refused_streamed_or_in_memory(tmp_path):
+    from folder_helpers import write_image_folder, write_split_folder
+    from ktransfer.data.folder import load_folder
+    from ktransfer.data.sources import open_data, open_split
+
+    root = write_split_folder(tmp_path / "imgs", train_per_class=4, val_per_class=3)
+    (tmp_path / "link").symlink_to(root / "val", target_is_directory=True)
+    part = tmp_path / "part"  # two of the evaluation images, linked into a folder of their own
+    for name in ("blue", "red"):
+        (part / name).mkdir(parents=True)
+        first = sorted((root / "val" / name).iterdir())[0]
+        (part / name / first.name).symlink_to(first)
+    (part / "green").mkdir()
+    write_image_folder(tmp_path / "other", per_class=2, seed=77, classes=("green",))
+    (part / "green" / "other.png").symlink_to(next((tmp_path / "other" / "green").iterdir()))
+    transfer, evaluation = open_data(f"folder:{root}")
+
+    def load(listing, streamed):
+        return load_folder(listing, 12, workers=0, in_memory=not streamed)
+
+    spellings = [f"folder:{root}/val", f"folder:{root}/val/", f"folder:{root}/train/../val", f"folder:{tmp_path}/link"]
+    for eval_streamed, val_streamed in ((False, False), (True, True), (True, False), (False, True)):
+        eval_set, transfer_set = load(evaluation, eval_streamed), load(transfer, eval_streamed)
+        for spec in spellings:
+            val_set = load(open_split(spec, "eval", transfer.class_names), val_streamed)
+            with pytest.raises(ConfigError, match="is the evaluation data"):
+                api.guard_data(True, val_set, 0.1, transfer_set, 0, eval_set=eval_set)
+        val_set = load(open_split(f"folder:{part}", "eval", transfer.class_names), val_streamed)
+        with pytest.raises(ConfigError, match="shares 2 of its 3 samples with the evaluation data"):
+            api.guard_data(True, val_set, 0.1, transfer_set, 0, eval_set=eval_set)
+        disjoint = load(open_split(f"folder:{root}/train", "eval", transfer.class_names), val_streamed)
+        assert api.guard_data(True, disjoint, 0.1, transfer_set, 0, eval_set=eval_set)[2] == "val_data"
+
+
+def test_cli_refuses_the_evaluation_set_as_val_data_by_every_spelling(small_fashion_mnist, tiny_zoo, tmp_path):
+    base = ("transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--epochs", "1", "--guard", "--data-dir", small_fashion_mnist)
+    cases = [
+        # The default evaluation data is Fashion-MNIST's test split; a bare fashion-mnist read as evaluation data is that split too.
+        ((), "fashion-mnist", "is the evaluation data"),
+        ((), "fashion-mnist:test", "is the evaluation data"),
+        ((), "Fashion-MNIST:test", "is the evaluation data"),
+        (("--data", "fashion-mnist"), "fashion-mnist", "is the evaluation data"),
+        (("--eval-data", "fashion-mnist:test"), "fashion-mnist", "is the evaluation data"),
+        (("--eval-data", "fashion-mnist:validation", "--transfer-data", "fashion-mnist:transfer"), "fashion-mnist:validation", "is the evaluation data"),
+        ((), "fashion-mnist:eval", "got 'eval'"),  # not a part: refused by name
+    ]
+    for number, (data, val, message) in enumerate(cases):
+        out = tmp_path / f"run{number}"
+        result = cli(*base, *data, "--val-data", val, "--out", out)
+        assert result.exit_code != 0 and message in result.output, (data, val, result.output)
+        assert "fashion-mnist:validation" in result.output or message == "got 'eval'"
+        assert not (out / "results.jsonl").exists() and "epoch 1" not in result.output
+
+
+GUARD_MODELS = '''
+import torch
+from torch import nn
+
+
+def make(width=4):
+    torch.manual_seed(width)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, width), nn.ReLU(), nn.Linear(width, 3))
+'''
+
+
+def test_cli_refuses_another_spelling_of_the_evaluation_folder(tmp_path, monkeypatch):
+    from folder_helpers import write_split_folder
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "guardnets_k6.py").write_text(GUARD_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    root = write_split_folder(tmp_path / "imgs", train_per_class=6, val_per_class=3)
+    base = ("transfer", "--student", "guardnets_k6:make?input_size=12", "--teacher", "guardnets_k6:make?width=6&input_size=12", "--data", f"folder:{root}",
+            "--epochs", "1", "--batch-size", "6", "--workers", "0", "--guard")
+    for number, (val, extra) in enumerate(((f"folder:{root}/val/", ()), (f"folder:{root}/./val", ("--stream",)))):
+        result = cli(*base, "--val-data", val, *extra, "--out", tmp_path / f"run{number}")
+        assert result.exit_code != 0 and "is the evaluation data" in result.output, result.output
+    ok = cli(*base, "--val-data", f"folder:{root}/train", "--out", tmp_path / "ok")  # other images: accepted (if a weak guard)
+    assert ok.exit_code == 0, ok.output

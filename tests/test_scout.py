@@ -192,3 +192,35 @@ def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, ti
     predicted = [t["predicted"] for t in teachers]
     assert predicted == sorted(predicted, reverse=True)
     assert all(t["low"] <= t["predicted"] <= t["high"] for t in teachers)
+
+
+def test_fit_refuses_to_score_on_the_evaluation_data_it_is_fitted_on(small_fashion_mnist, tmp_path):
+    """--score-on is a test of the predictor only on other data than the fitted study's, where its statistics and Δs come from."""
+    from ktransfer.errors import ConfigError
+    from ktransfer.scout import check_score_on, fit_study
+    from ktransfer.study import Study, StudyConfig
+
+    def study_folder(name, **data):
+        config = StudyConfig.from_dict({
+            "name": name, "students": ["zoo:mlp", "zoo:cnn", "zoo:vit"], "methods": ["kl"], "epochs": 1, "controls": [],
+            "data": {**data, "dir": str(small_fashion_mnist)},
+        })
+        study = Study(config, tmp_path / name)
+        study.folder.mkdir()
+        study._write_config()  # a config is all the check reads: it refuses before any model runs
+        return study.folder
+
+    fitted = study_folder("fit", source="fashion-mnist:validation")
+    again = study_folder("again", source="fashion-mnist:validation")
+    part = study_folder("part", source="fashion-mnist:validation", eval_size=50)
+    test = study_folder("test", source="fashion-mnist")
+    with pytest.raises(ConfigError, match="is the study the predictor is fitted on"):
+        fit_study(fitted, "kl", score_on=tmp_path / "test" / ".." / "fit")
+    with pytest.raises(ConfigError, match=r"evaluated on fashion-mnist/validation, which shares 200 of its 200 samples with fashion-mnist/validation"):
+        fit_study(fitted, "kl", score_on=again)
+    with pytest.raises(ConfigError, match=r"shares 50 of its 50 samples with fashion-mnist/validation, the evaluation data of"):
+        fit_study(fitted, "kl", score_on=part)
+    check_score_on(fitted, test)  # the test set: other data, no objection
+    check_score_on(test, fitted)
+    result = CliRunner().invoke(main, ["scout", "--fit", str(fitted), "--score-on", f"{fitted}/", "--method", "kl"])
+    assert result.exit_code != 0 and "is the study the predictor is fitted on" in result.output, result.output

@@ -255,6 +255,39 @@ def test_search_uses_held_out_transfer_data_and_picks_the_best_mean_delta(small_
     assert [s["setting"]["lr"] for s in saved["methods"]["kl_dp"] if s["chosen"]] == [best]
 
 
+def test_a_search_whose_held_out_data_overlaps_the_evaluation_set_is_refused(tmp_path, monkeypatch):
+    """The search chooses its setting on held-out transfer data: if that is evaluation data, by any spelling, the study stops before any run."""
+    from folder_helpers import write_image_folder
+
+    from ktransfer.data.base import ImageData
+    from ktransfer.errors import DataError
+    from ktransfer.study import DATA_SOURCES
+
+    root = tmp_path / "imgs"
+    write_image_folder(root / "train", per_class=5)
+    (root / "val").symlink_to(root / "train", target_is_directory=True)  # the "evaluation" folder is the training folder
+    searched = {"methods": [{"name": "kl_dp", "lr": [0.001, 0.01]}], "search": {"pairs": 1, "holdout": 0.2}}
+    study = make_study(tmp_path / "a", None, data={"source": f"folder:{root}"}, **searched)
+    with pytest.raises(DataError, match=r"search would choose on evaluation samples") as refused:
+        study.run(log=lambda line: None)
+    assert "shares" in str(refused.value) or "lies inside" in str(refused.value)
+    assert "fashion-mnist:validation" in str(refused.value)
+    assert load_records(study.folder) == []
+
+    # A registered source whose evaluation set is a copy of its transfer set, in another order: refused alike.
+    images = torch.randint(0, 256, (60, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    names = [f"c{i}" for i in range(10)]
+
+    def leaky(config):
+        transfer = ImageData(images, torch.arange(60) % 10, names, "leaky/transfer")
+        return transfer, ImageData(images.flip(0).clone(), (torch.arange(60) % 10).flip(0), names, "leaky/eval")
+
+    monkeypatch.setitem(DATA_SOURCES, "leaky", leaky)
+    study = make_study(tmp_path / "b", None, data={"source": "leaky"}, **searched)
+    with pytest.raises(DataError, match=r"leaky/transfer\[held-out\] lies inside the evaluation data leaky/eval.*search would choose on evaluation samples"):
+        study.run(log=lambda line: None)
+
+
 def test_load_results_reads_a_demo_folder(tmp_path):
     from ktransfer.results import append_record
 

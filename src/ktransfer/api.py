@@ -222,7 +222,7 @@ def transfer(
     targets = resolve_targets(targets, augment)
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
-    transfer_set, guard_set, guard_source = guard_data(guard, val_data, guard_holdout, transfer_set, seed, class_names)
+    transfer_set, guard_set, guard_source = guard_data(guard, val_data, guard_holdout, transfer_set, seed, class_names, eval_set=eval_set)
     check_compatible(student_model, teachers, transfer_set, eval_set, *([guard_set] if guard_set is not None else []))
     if guard_source == "holdout":
         (log or _log_line)(
@@ -262,14 +262,20 @@ def transfer(
     return result
 
 
-def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, seed: int, class_names=None) -> tuple[ImageData, ImageData | None, str | None]:
-    """The data the student trains on, the guard's held-out data and where that came from ("val_data" or "holdout")."""
+def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, seed: int, class_names=None, *, eval_set: ImageData | None = None) -> tuple[ImageData, ImageData | None, str | None]:
+    """The data the student trains on, the guard's held-out data and where that came from ("val_data" or "holdout").
+
+    Guard data that shares any sample with ``eval_set`` is refused: the guard would choose the epoch
+    on the evaluation data, and every number reported there would be biased."""
     if not guard:
         if val_data is not None:
             raise ConfigError("val_data is the guard's held-out data: pass guard=True (--guard) with it, or leave it out")
         return transfer_set, None, None
     if val_data is not None:
-        return transfer_set, as_image_data(val_data, "validation data", class_names), "val_data"
+        guard_set = as_image_data(val_data, "validation data", class_names)
+        if eval_set is not None:
+            check_guard_data(guard_set, eval_set, "val_data")
+        return transfer_set, guard_set, "val_data"
     if not 0 < holdout < 1:
         raise ConfigError(f"guard_holdout is the share of the transfer data held out for the guard and must lie in (0, 1); got {holdout}")
     size = round(holdout * len(transfer_set))
@@ -277,7 +283,29 @@ def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, s
         raise ConfigError(f"a {holdout:.0%} guard holdout of {len(transfer_set)} transfer images leaves none to hold out or none to train on; give val_data or change guard_holdout")
     held_out, kept = stratified_split(transfer_set.labels, size, seed)
     # The trained part keeps the data's name: the record's guard fields say what was held out.
-    return transfer_set.subset(kept, transfer_set.name), transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)"), "holdout"
+    guard_set = transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)")
+    if eval_set is not None:
+        check_guard_data(guard_set, eval_set, "holdout")
+    return transfer_set.subset(kept, transfer_set.name), guard_set, "holdout"
+
+
+def check_guard_data(guard_set, eval_set, source: str) -> None:
+    """Refuse guard data that shares samples with the evaluation data (the same set, a copy, a part of it, the same files)."""
+    from .data.overlap import overlap_phrase, shared_samples
+
+    shared = shared_samples(guard_set, eval_set)
+    if not shared:
+        return
+    if source == "val_data":
+        raise ConfigError(
+            f"the guard's validation data {overlap_phrase(guard_set, eval_set, shared)}: choosing the epoch on it would bias every number reported there; "
+            f"give validation data the evaluation never sees (for Fashion-MNIST: fashion-mnist:validation), or leave out val_data (--val-data) to hold out a share of the transfer data"
+        )
+    raise ConfigError(
+        f"the guard's holdout {overlap_phrase(guard_set, eval_set, shared)}: the transfer data overlaps the evaluation data, "
+        f"so the guard would choose the epoch on evaluation samples; give val_data (--val-data) the evaluation never sees (for Fashion-MNIST: fashion-mnist:validation), "
+        f"or transfer data disjoint from the evaluation data"
+    )
 
 
 def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:

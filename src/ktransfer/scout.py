@@ -498,6 +498,30 @@ def _method_lr(config, method: str):
     return config.lr
 
 
+def check_score_on(folder: str | Path, score_on: str | Path) -> None:
+    """Refuse a ``--score-on`` study evaluated on data that shares samples with the fitted study's
+    evaluation data: the statistics and the realised Δs the predictor is fitted on come from that data,
+    so a score there is no test of it."""
+    from .data.overlap import shared_samples
+
+    folder, score_on = Path(folder), Path(score_on)
+    if folder.resolve() == score_on.resolve():
+        raise ConfigError(
+            f"--score-on {score_on} is the study the predictor is fitted on; score on a study of the same pairs evaluated on other data "
+            f"(e.g. the same config with data fashion-mnist, the test set, where the fit used fashion-mnist:validation), or leave out --score-on"
+        )
+    if not (score_on / "study.yaml").is_file():
+        raise DataError(f"--score-on {score_on} is not a study folder (it has no study.yaml); give the folder of a finished 'ktransfer study'")
+    fitted, scored = _study_config(folder).data.load().eval, _study_config(score_on).data.load().eval
+    shared = shared_samples(scored, fitted)
+    if shared:
+        raise ConfigError(
+            f"--score-on {score_on} is evaluated on {scored.name}, which shares {shared:,} of its {len(scored):,} samples with {fitted.name}, "
+            f"the evaluation data of {folder} where the predictor's statistics and Δs come from; score on a study evaluated on other data "
+            f"(e.g. fashion-mnist, the test set, where the fit used fashion-mnist:validation), or leave out --score-on"
+        )
+
+
 @dataclass
 class StudyFit:
     """A predictor fitted on a study, how well it ranked unseen students, and the per-pair rows."""
@@ -545,6 +569,8 @@ def fit_study(folder: str | Path, method: str = "kl_dp", *, score_on: str | Path
     default the four of the shipped predictor); the file stores them, and predictions use its list.
     """
     features = check_features(features)
+    if score_on is not None:
+        check_score_on(folder, score_on)  # before any model runs
     pairs, setting = study_pairs(folder, method, cache=cache, device=device, log=log)
     evaluation = leave_one_student_out(pairs, features, ridge=ridge, resamples=resamples)
     known = [p for p in pairs if p.delta is not None]

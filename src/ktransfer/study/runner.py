@@ -151,6 +151,10 @@ class Study:
         started = time.perf_counter()
         data = self.config.data.load()
         log(f"data: transfer set {len(data.transfer):,} images, evaluation set {len(data.eval):,} images ({self.config.data.source})")
+        search_plan = self.search_plan()
+        phase_data = {"study": data}
+        if search_plan:  # before any model runs: held-out data that overlaps the evaluation set is refused
+            phase_data["search"] = search_split(data, self.config.search.holdout, self.config.search.seed)
         cache = PredictionCache()
         models = {spec: load_model(spec, data_dir=self.config.data.dir) for spec in self.config.models()}  # bad specs fail before any run
         for model in models.values():
@@ -158,10 +162,6 @@ class Study:
         self._write_analysis(models, data, cache, device)
         save_predictions(self.folder / PREDICTIONS_DIR, LABELS_KEY, data.eval.labels)
 
-        search_plan = self.search_plan()
-        phase_data = {"study": data}
-        if search_plan:
-            phase_data["search"] = search_split(data, self.config.search.holdout, self.config.search.seed)
         executor = make_executor(executor_name, self.config, device, models, phase_data, cache, address)
         try:
             if executor.name != "local":

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..data.base import ImageData
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -54,8 +54,20 @@ class StudyData:
 
 
 def search_split(data: StudyData, holdout: float, seed: int) -> StudyData:
-    """The search phase's data: train on the transfer set less a stratified held-out part, score on that part (never the evaluation set)."""
+    """The search phase's data: train on the transfer set less a stratified held-out part, score on that part (never the evaluation set).
+
+    A held-out part that shares samples with the evaluation set is refused: the search would choose
+    its setting on evaluation samples."""
     from ..data.base import stratified_split
+    from ..data.overlap import overlap_phrase, shared_samples
 
     held_out, rest = stratified_split(data.transfer.labels, max(1, round(holdout * len(data.transfer))), seed)
-    return StudyData(data.transfer.subset(rest, f"{data.transfer.name}[search-train]"), data.transfer.subset(held_out, f"{data.transfer.name}[held-out]"))
+    search = StudyData(data.transfer.subset(rest, f"{data.transfer.name}[search-train]"), data.transfer.subset(held_out, f"{data.transfer.name}[held-out]"))
+    shared = shared_samples(search.eval, data.eval)
+    if shared:
+        raise DataError(
+            f"the hyperparameter search scores on held-out transfer data, and {overlap_phrase(search.eval, data.eval, shared)}: the study's transfer data overlaps its "
+            f"evaluation data, so the search would choose on evaluation samples; give data.source whose transfer and evaluation parts are disjoint "
+            f"(e.g. fashion-mnist:validation, or folder:PATH with separate train/ and val/ images), or give each method one setting instead of a grid"
+        )
+    return search
