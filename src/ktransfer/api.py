@@ -236,7 +236,7 @@ def transfer(
     if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
         raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
     if checkpoint_dir is not None:
-        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config)
+        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config, targets, (cache_dtype, cache_top_k))
         if guard_set is not None:  # a checkpoint carries the guard's best so far: resumed only with the same guard
             settings["guard"] = {"source": guard_source, "holdout": guard_holdout if guard_source == "holdout" else None, "data": guard_set.fingerprint()}
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
@@ -279,13 +279,22 @@ def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, s
     return transfer_set.subset(kept, transfer_set.name), transfer_set.subset(held_out, f"{transfer_set.name} (guard holdout)"), "holdout"
 
 
-def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
-    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same."""
+def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, targets: str = "cached", view_storage: tuple[str, int] = ("float16", 0)) -> dict:
+    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same.
+
+    The target mode counts (a top-k or float16 view cache changes the loss itself), and with views
+    the cache's dtype and top-k; methods that compare features always run online.
+    """
     training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size", "prefetch", "compile", "compile_backend")}
+    mode = "online" if method.needs_features else targets
+    cache_dtype, cache_top_k = view_storage if mode == "views" else (None, None)
     return {
         "method": method.name,
         "hparams": method.describe(),
         **training,
+        "targets": mode,
+        "cache_dtype": cache_dtype,
+        "cache_top_k": cache_top_k,
         "student": student.fingerprint(),
         "teachers": [teacher.fingerprint() for teacher in teachers],
         "transfer_data": transfer_set.fingerprint(),
