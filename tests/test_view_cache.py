@@ -267,3 +267,46 @@ def test_check_of_a_top_k_cache_compares_the_kept_classes(tmp_path):
     np.save(cache.shard(0) / "top_values.npy", values)
     damaged = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
     assert damaged.check(samples=96)[0]["ok"] is False
+
+
+def test_a_method_top_k_above_the_caches_is_refused(tmp_path):
+    from ktransfer.api import view_storage
+    from ktransfer.methods import create_method
+
+    transfer_set, eval_set = data(), data(40, seed=1)
+    settings = {**SETTINGS, "method": "kl", "targets": "views", "cache": PredictionCache(tmp_path)}
+    with pytest.raises(ConfigError, match=r"method kl has top_k 5 but the view cache keeps only each view's 3 largest logits, so it would pick 2 classes among tied ones"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, top_k=5, cache_top_k=3, **settings)
+    assert not (tmp_path / "views").exists()  # refused before any work
+    kl = lambda k: create_method("kl", top_k=k)  # noqa: E731
+    # At most the cache's k, every class (0 or at least C), or a cache that kept every class: exact, allowed.
+    assert view_storage("views", None, 3, kl(3), 10) == ("float16", 3)
+    assert view_storage("views", "float32", 3, kl(2), 10) == ("float32", 3)
+    assert view_storage("views", None, 3, kl(0), 10) == view_storage("views", None, 3, kl(10), 10) == ("float16", 3)
+    assert view_storage("views", None, 10, kl(5), 10) == ("float16", 10)
+    assert view_storage("views", None, None, kl(5), 10) == ("float16", 0)
+    with pytest.raises(ConfigError, match="top_k 9 but"):
+        view_storage("views", None, 3, kl(9), 10)
+
+
+def test_cache_storage_options_without_views_are_refused_not_ignored(tmp_path):
+    transfer_set, eval_set = data(), data(40, seed=1)
+    for options, named in (({"cache_top_k": 3}, "cache_top_k"), ({"cache_dtype": "float32"}, "cache_dtype"), ({"cache_dtype": "float16", "cache_top_k": 0}, "cache_dtype and cache_top_k")):
+        with pytest.raises(ConfigError, match=rf"^{named} \(--cache-dtype, --cache-top-k\) set how targets views stores the frozen outputs, but this run's targets are online"):
+            ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, epochs=1, augment="paper", targets="online", **options)
+    with pytest.raises(ConfigError, match="this run's targets are cached"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, epochs=1, cache_top_k=3)
+
+
+def test_cli_refuses_cache_options_without_targets_views(tmp_path, small_fashion_mnist, tiny_zoo):
+    runner = CliRunner()
+    common = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--augment", "paper", "--epochs", "1", "--data-dir", str(small_fashion_mnist)]
+    result = runner.invoke(main, [*common, "--cache-top-k", "3", "--out", str(tmp_path / "a")])
+    assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith("Error: cache_top_k (--cache-dtype, --cache-top-k) set how targets views"), result.output
+    result = runner.invoke(main, [*common, "--targets", "online", "--cache-dtype", "float32", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "but this run's targets are online" in result.output
+    result = runner.invoke(main, [*common, "--targets", "views", "--cache-top-k", "3", "--method", "kl", "--param", "top_k=5", "--out", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "has top_k 5 but the view cache keeps only each view's 3" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "results.jsonl").exists()
+    result = runner.invoke(main, [*common, "--teacher", "zoo:vit", "--strategy", "soup", "--targets", "views", "--cache-top-k", "3", "--out", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy" in result.output

@@ -219,7 +219,8 @@ class ViewCache:
 
         With top-k, the classes outside a view's k largest logits read back ``TOP_K_GAP`` below its
         smallest kept one: a softmax gives them no mass (e^-1000 is 0 in float32), so the target is the
-        top-k distribution renormalised, as in the paper's top-k ablation.
+        top-k distribution renormalised. The student is renormalised over those k classes only by a
+        method with ``top_k`` (at most k: the dropped classes tie, so a larger one is refused).
         """
         files = self._load(epoch)
         if "logits" in files:  # every class stored: no top-k, or k not below the number of classes
