@@ -310,3 +310,30 @@ def test_cli_refuses_cache_options_without_targets_views(tmp_path, small_fashion
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "results.jsonl").exists()
     result = runner.invoke(main, [*common, "--teacher", "zoo:vit", "--strategy", "soup", "--targets", "views", "--cache-top-k", "3", "--out", str(tmp_path / "d")])
     assert result.exit_code != 0 and "--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy" in result.output
+
+
+def test_the_key_follows_the_code_that_makes_the_views(tmp_path, monkeypatch):
+    import inspect
+    from pathlib import Path
+
+    import ktransfer.augment
+    from ktransfer import view_cache
+
+    transfer_set, pre, teacher = data(), Preprocess((0.5,), (0.5,), (12, 12)), model(1, "teacher")
+    built = ViewCache(tmp_path, teacher, transfer_set, pre, seed=3)
+    built.build(0)
+    real = inspect.getsource
+
+    def edited(edit):  # the source as it reads once the file is edited
+        return lambda obj: edit(real(obj)) if obj in (ktransfer.augment, Preprocess.frame) else real(obj)
+
+    for edit in (lambda text: text.replace("SHIFT_FRACTION = 0.1", "SHIFT_FRACTION = 0.2"), lambda text: text.replace("crop_pct", "crop_share")):
+        with monkeypatch.context() as patch:
+            patch.setattr(inspect, "getsource", edited(edit))
+            after = ViewCache(tmp_path, teacher, transfer_set, pre, seed=3)
+            assert after.folder != built.folder and not after.has(0)  # the old views are not read
+    assert ViewCache(tmp_path, teacher, transfer_set, pre, seed=3).has(0)  # the same code reads them again
+    # What is hashed is augment.py as it is on disk, then the frame's code.
+    source = view_cache.recipe_source()
+    assert source.startswith(Path(ktransfer.augment.__file__).read_text()) and "def frame(self, images" in source
+    assert json.loads((built.folder / "meta.json").read_text())["recipe"] == view_cache.recipe_digest()

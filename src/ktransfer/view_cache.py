@@ -10,7 +10,8 @@ running the model. A study of N students and M teachers then runs M + N frozen p
 
 Layout, under the prediction cache's folder::
 
-    views/<key>/meta.json          what determines the views and the logits (the key is its hash)
+    views/<key>/meta.json          what determines the views and the logits (the key is its hash),
+                                   including a hash of the augmentation's code (recipe_digest)
     views/<key>/epoch-0003/        one folder per epoch, written whole (temporary folder, then rename)
         logits.npy                 [N, C] float16 (default) or float32, memory-mapped on read
         confidence.npy             [N, 2] float32: the probability of the true class and the maximum
@@ -22,6 +23,7 @@ Each epoch is a shard of its own: a run with fewer epochs reads a prefix, a long
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -32,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
+from . import augment as augment_module
 from .augment import Augmentation, check_augment
 from .data.base import ImageData
 from .errors import ConfigError, KTransferError
@@ -64,13 +68,31 @@ class ViewKey:
     seed: int  # the augmentation seed (the transfer's seed)
     dtype: str
     top_k: int = 0  # > 0: only each view's k largest logits are kept (the rest read back as far below them)
+    recipe: str = ""  # recipe_digest(): a hash of the code that makes the views
 
     def fields(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "seed": self.seed, "dtype": self.dtype, "top_k": self.top_k}
+        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "recipe": self.recipe, "seed": self.seed, "dtype": self.dtype, "top_k": self.top_k}
 
     @property
     def digest(self) -> str:
         return hashlib.blake2b(json.dumps(self.fields(), sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def recipe_source() -> str:
+    """The code that makes the views: all of ``ktransfer.augment`` and the student frame's crop and resize.
+
+    Any edit to it (a constant, the hue maths, the random streams) gives every view cache a new key,
+    so that views made by other code are never read. Without the source (a build that ships only
+    bytecode) the package version stands in for it.
+    """
+    try:
+        return inspect.getsource(augment_module) + inspect.getsource(Preprocess.frame)
+    except (OSError, TypeError):
+        return f"ktransfer {__version__} (source unavailable)"
+
+
+def recipe_digest() -> str:
+    return hashlib.blake2b(recipe_source().encode("utf-8"), digest_size=8).hexdigest()
 
 
 def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0) -> ViewKey:
@@ -81,7 +103,7 @@ def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augm
         raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}; got {dtype!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ConfigError(f"cache top-k must be 0 (every class) or a positive number of classes; got {top_k!r}")
-    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype, int(top_k))
+    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype, int(top_k), recipe_digest())
 
 
 def _differences(expected: dict, found: dict) -> list[str]:
