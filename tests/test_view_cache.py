@@ -337,3 +337,28 @@ def test_the_key_follows_the_code_that_makes_the_views(tmp_path, monkeypatch):
     source = view_cache.recipe_source()
     assert source.startswith(Path(ktransfer.augment.__file__).read_text()) and "def frame(self, images" in source
     assert json.loads((built.folder / "meta.json").read_text())["recipe"] == view_cache.recipe_digest()
+
+
+class Scaled(nn.Module):
+    def __init__(self, inner: nn.Module, factor: float):
+        super().__init__()
+        self.inner, self.factor, self.num_classes = inner, factor, 10
+
+    def forward(self, x):
+        return self.inner(x) * self.factor
+
+
+def test_logits_beyond_float16s_range_are_refused_not_stored_as_infinite(tmp_path):
+    transfer_set, pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    loud = Model(Scaled(SmallNet(1), 1e6), "loud", pre)
+    full = ViewCache(tmp_path, loud, transfer_set, pre, seed=3, dtype="float32")
+    full.build(0)
+    largest = float(full.logits(torch.arange(len(transfer_set)), 0).abs().max())
+    assert largest > 65504 and float(full.logits(torch.arange(len(transfer_set)), 0).abs().topk(3, dim=1).values.min()) > 65504
+    for top_k in (0, 3):  # every class, and only the 3 largest (which overflow too)
+        half = ViewCache(tmp_path, loud, transfer_set, pre, seed=3, top_k=top_k)
+        with pytest.raises(ViewCacheError, match=r"^loud's logits on the views of epoch 1 reach .* beyond what float16 holds \(±65504\), so they would be stored as infinite; cache them as float32"):
+            half.build(0)
+        assert not half.has(0) and not (half.folder / "meta.json").exists()
+    with pytest.raises(ViewCacheError, match="beyond what float16 holds"):  # and from a transfer
+        ktransfer.transfer(model(0, "student"), loud, transfer_set, data(40, seed=1), targets="views", cache=PredictionCache(tmp_path), **SETTINGS)

@@ -187,25 +187,40 @@ class ViewCache:
             logits = self.views_logits(torch.arange(len(self.data)), epoch, batch_size, device)
             if not torch.isfinite(logits).all():
                 raise ViewCacheError(f"{self.model.name} gives non-finite logits on the views of epoch {epoch + 1}; check the model and the data before caching")
+            arrays = self._stored_arrays(logits, epoch)
             if not (self.folder / "meta.json").is_file():
                 atomic_write_bytes(self.folder / "meta.json", (json.dumps(self.key.fields(), indent=1) + "\n").encode("utf-8"))
-            self._write_shard(epoch, logits)
+            self._write_shard(epoch, arrays)
         return True
 
-    def _write_shard(self, epoch: int, logits: torch.Tensor) -> None:
+    def _stored_arrays(self, logits: torch.Tensor, epoch: int) -> dict[str, np.ndarray]:
+        """The shard's arrays by file name, as stored: checked finite after the cast to the cache's dtype."""
+        store = CACHE_DTYPES[self.key.dtype]
+        arrays = {"confidence": routing_confidence(logits, self.data.labels).numpy()}
+        if 0 < self.key.top_k < logits.shape[1]:  # the k largest logits with their classes (int16 up to 32768 classes)
+            top = logits.topk(self.key.top_k, dim=1)
+            kept = top.values.numpy()
+            arrays["top_classes"] = top.indices.numpy().astype(np.int16 if logits.shape[1] <= 2**15 else np.int32)
+            arrays["classes"] = np.asarray([logits.shape[1]], dtype=np.int64)
+            name = "top_values"
+        else:
+            kept, name = logits.numpy(), "logits"
+        with np.errstate(over="ignore"):  # an overflow is reported below, in words
+            arrays[name] = stored = kept.astype(store)
+        if not np.isfinite(stored).all():  # float16 holds at most ±65504: larger logits would read back as ±inf
+            raise ViewCacheError(
+                f"{self.model.name}'s logits on the views of epoch {epoch + 1} reach {float(np.abs(kept).max()):.6g}, beyond what {self.key.dtype} holds "
+                f"(±{float(np.finfo(store).max):.6g}), so they would be stored as infinite; cache them as float32 (--cache-dtype float32, cache_dtype='float32')"
+            )
+        return arrays
+
+    def _write_shard(self, epoch: int, arrays: dict[str, np.ndarray]) -> None:
         """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all."""
         tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
-            np.save(tmp / "confidence.npy", routing_confidence(logits, self.data.labels).numpy())
-            store = CACHE_DTYPES[self.key.dtype]
-            if 0 < self.key.top_k < logits.shape[1]:  # the k largest logits with their classes (int16 up to 32768 classes)
-                top = logits.topk(self.key.top_k, dim=1)
-                np.save(tmp / "top_values.npy", top.values.numpy().astype(store))
-                np.save(tmp / "top_classes.npy", top.indices.numpy().astype(np.int16 if logits.shape[1] <= 2**15 else np.int32))
-                np.save(tmp / "classes.npy", np.asarray([logits.shape[1]], dtype=np.int64))
-            else:
-                np.save(tmp / "logits.npy", logits.numpy().astype(store))
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", array)
             try:
                 os.rename(tmp, self.shard(epoch))
             except OSError:  # without advisory locks another process may have renamed its copy first
