@@ -362,3 +362,43 @@ def test_logits_beyond_float16s_range_are_refused_not_stored_as_infinite(tmp_pat
         assert not half.has(0) and not (half.folder / "meta.json").exists()
     with pytest.raises(ViewCacheError, match="beyond what float16 holds"):  # and from a transfer
         ktransfer.transfer(model(0, "student"), loud, transfer_set, data(40, seed=1), targets="views", cache=PredictionCache(tmp_path), **SETTINGS)
+
+
+def test_shard_files_are_synced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.fstat(descriptor).st_ino))
+        real_fsync(descriptor)
+
+    def renamer(real):
+        def rename(source, target):
+            events.append(("rename", os.stat(source).st_ino, Path(target)))
+            real(source, target)
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renamer(real_rename))
+    monkeypatch.setattr(os, "replace", renamer(real_replace))
+    cache = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
+    cache.build(0)
+
+    def synced(start, stop):
+        return {event[1] for event in events[start:stop] if event[0] == "fsync"}
+
+    renames = {event[2]: (at, event[1]) for at, event in enumerate(events) if event[0] == "rename"}
+    # The shard: each of its files and its folder synced before the folder is renamed into place,
+    # the cache's folder (which records the rename) after.
+    at, folder = renames[cache.shard(0)]
+    files = sorted(cache.shard(0).iterdir())
+    assert [f.name for f in files] == ["classes.npy", "confidence.npy", "top_classes.npy", "top_values.npy"]
+    assert {f.stat().st_ino for f in files} | {folder} <= synced(0, at)
+    assert cache.folder.stat().st_ino in synced(at + 1, len(events))
+    # meta.json goes through paths.atomic_path: the file before its rename, the folder after.
+    at, meta = renames[cache.folder / "meta.json"]
+    assert meta == (cache.folder / "meta.json").stat().st_ino and meta in synced(0, at)
+    assert cache.folder.stat().st_ino in synced(at + 1, renames[cache.shard(0)][0])

@@ -40,7 +40,7 @@ from .augment import Augmentation, check_augment
 from .data.base import ImageData
 from .errors import ConfigError, KTransferError
 from .models.base import Model, Preprocess
-from .paths import atomic_write_bytes, waiting_lock
+from .paths import atomic_write_bytes, sync_directory, waiting_lock
 from .targets import BatchTargets, TargetSource
 
 FORMAT = 1
@@ -215,17 +215,26 @@ class ViewCache:
         return arrays
 
     def _write_shard(self, epoch: int, arrays: dict[str, np.ndarray]) -> None:
-        """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all."""
+        """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all.
+
+        Each file and the temporary folder are flushed to disk (fsync) before the rename, the cache's
+        folder after it: after a power loss the shard is there whole or not at all.
+        """
         tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
             for name, array in arrays.items():
-                np.save(tmp / f"{name}.npy", array)
+                with open(tmp / f"{name}.npy", "wb") as handle:
+                    np.save(handle, array)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            sync_directory(tmp)
             try:
                 os.rename(tmp, self.shard(epoch))
             except OSError:  # without advisory locks another process may have renamed its copy first
                 if not self.has(epoch):
                     raise
+            sync_directory(self.folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
