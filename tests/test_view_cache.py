@@ -402,3 +402,37 @@ def test_shard_files_are_synced_before_the_rename_and_the_folder_after(tmp_path,
     at, meta = renames[cache.folder / "meta.json"]
     assert meta == (cache.folder / "meta.json").stat().st_ino and meta in synced(0, at)
     assert cache.folder.stat().st_ino in synced(at + 1, renames[cache.shard(0)][0])
+
+
+def test_a_streamed_folder_caches_the_same_views_as_the_folder_in_memory(tmp_path):
+    from folder_helpers import write_image_folder
+    from ktransfer.data.folder import FolderImageData, load_folder, scan_folder
+
+    listing = scan_folder(write_image_folder(tmp_path / "images", per_class=6))
+    memory = load_folder(listing, 16, workers=0, in_memory=True)
+    stream = load_folder(listing, 16, workers=0, in_memory=False)
+    assert isinstance(stream, FolderImageData) and not isinstance(memory, FolderImageData)
+    pre = Preprocess((0.5,) * 3, (0.5,) * 3, (12, 12))
+
+    def rgb(seed: int, name: str) -> Model:
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3))
+        module.num_classes = 3
+        return Model(module, name, pre)
+
+    index = torch.arange(len(listing))
+    for top_k in (0, 2):
+        caches = [ViewCache(tmp_path / "cache", rgb(1, "teacher"), images, pre, seed=3, dtype="float32", top_k=top_k) for images in (memory, stream)]
+        assert caches[0].folder != caches[1].folder  # the data's fingerprints differ (pixels, files)
+        for epoch in (0, 1):
+            assert [cache.build(epoch, batch_size=8) for cache in caches] == [True, True]  # 18 images: batches of 8, 8, 2
+            held, streamed = (cache.logits(index, epoch) for cache in caches)
+            assert torch.equal(held, streamed) and torch.equal(caches[0].confidence(index, epoch), caches[1].confidence(index, epoch))
+        assert not torch.equal(caches[1].logits(index, 0), caches[1].logits(index, 1))  # each epoch its own views
+        assert all(result["ok"] for result in caches[1].check(samples=5).values())
+    # A transfer with views on the streamed folder trains as the one on the folder in memory.
+    settings = dict(method="kl_dp", epochs=2, lr=0.05, batch_size=8, augment="paper", seed=3, targets="views", cache_dtype="float32", cache=PredictionCache(tmp_path / "cache"))
+    held, streamed = (ktransfer.transfer(rgb(0, "student"), rgb(1, "teacher"), images, images, **settings) for images in (memory, stream))
+    assert streamed.metrics["targets"] == "views" and streamed.metrics["n_transfer"] == len(listing)
+    for key, value in weights(held).items():
+        assert torch.equal(value, weights(streamed)[key]), key

@@ -164,11 +164,15 @@ class ViewCache:
 
     @torch.no_grad()
     def views_logits(self, index: torch.Tensor, epoch: int, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The model's float32 logits on the views of samples ``index`` in ``epoch`` (computed now)."""
+        """The model's float32 logits on the views of samples ``index`` in ``epoch`` (computed now).
+
+        The images come from the data's batches, so a streamed folder (decoded from disk per batch)
+        serves as well as data held in memory.
+        """
         self.model.module.eval()
         out = []
-        for chunk in torch.as_tensor(index).split(batch_size):
-            images = self.data.images[chunk].to(device)
+        for chunk, images, _ in self.data.batches(torch.as_tensor(index, dtype=torch.int64).reshape(-1), batch_size):
+            images = images.to(device)
             views = self.augmentation(self.student_preprocess.frame(images), chunk, epoch)
             out.append(self.model.logits(views).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
