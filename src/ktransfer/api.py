@@ -298,12 +298,12 @@ def view_storage(targets: str, cache_dtype: str | None, cache_top_k: int | None,
     if isinstance(top_k, int) and 0 < top_k < classes and top_k < method_top_k < classes:
         raise ConfigError(
             f"method {method.name} has top_k {method_top_k} but the view cache keeps only each view's {top_k} largest logits, so it would pick "
-            f"{method_top_k - top_k} classes among tied ones at random: give the method a top_k of at most {top_k}, or the cache a top-k of at least {method_top_k}"
+            f"{method_top_k - top_k} classes among tied ones arbitrarily: give the method a top_k of at most {top_k}, or the cache a top-k of at least {method_top_k}"
         )
     return dtype, top_k
 
 
-def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, targets: str = "cached", view_storage: tuple[str, int] = ("float16", 0)) -> dict:
+def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, targets: str = "cached", storage: tuple[str, int] = ("float16", 0)) -> dict:
     """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same.
 
     The target mode counts (a top-k or float16 view cache changes the loss itself), and with views
@@ -311,7 +311,7 @@ def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData,
     """
     training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size", "prefetch", "compile", "compile_backend")}
     mode = "online" if method.needs_features else targets
-    cache_dtype, cache_top_k = view_storage if mode == "views" else (None, None)
+    cache_dtype, cache_top_k = storage if mode == "views" else (None, None)
     return {
         "method": method.name,
         "hparams": method.describe(),
