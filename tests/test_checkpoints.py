@@ -168,6 +168,33 @@ def test_another_configuration_is_refused_and_a_finished_run_is_not_rerun(tiny_d
     assert len(other.history) == 2
 
 
+def test_a_run_on_top_k_views_is_not_resumed_with_other_targets_nor_the_reverse(tiny_data, tmp_path):
+    from ktransfer.predictions import PredictionCache
+
+    student, teacher = tiny_models()
+    cache = PredictionCache(tmp_path / "cache")
+    settings = dict(method="kl", epochs=2, batch_size=64, lr=1e-2, augment="paper", cache=cache, checkpoint_every=2)
+    views = dict(targets="views", cache_top_k=3)
+    folder = tmp_path / "top-k"
+    with pytest.raises(Stop):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, on_step=stop_at(3), **views, **settings)
+    with pytest.raises(CheckpointError, match=r"cache_dtype: float16 there, null now; cache_top_k: 3 there, null now; targets: views there, online now"):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, targets="online", **settings)
+    with pytest.raises(CheckpointError, match=r"\(cache_top_k: 3 there, 0 now\)"):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, targets="views", **settings)
+    with pytest.raises(CheckpointError, match=r"\(cache_dtype: float16 there, float32 now\)"):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, cache_dtype="float32", **views, **settings)
+    # The reverse: a run with online targets is not resumed on (top-k) views.
+    folder = tmp_path / "online"
+    with pytest.raises(Stop):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, targets="online", on_step=stop_at(3), **settings)
+    with pytest.raises(CheckpointError, match=r"targets: online there, views now"):
+        ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, **views, **settings)
+    lines = []  # the same settings resume
+    ktransfer.transfer(student, teacher, *tiny_data, checkpoint_dir=folder, targets="online", log=lines.append, **settings)
+    assert len(lines) == 1 and lines[0].startswith("resuming from")
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tmp_path):
     student, teacher = tiny_models()
     settings = dict(method="xe_kl_mcl", epochs=2, batch_size=64, seed=3)

@@ -267,3 +267,172 @@ def test_check_of_a_top_k_cache_compares_the_kept_classes(tmp_path):
     np.save(cache.shard(0) / "top_values.npy", values)
     damaged = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
     assert damaged.check(samples=96)[0]["ok"] is False
+
+
+def test_a_method_top_k_above_the_caches_is_refused(tmp_path):
+    from ktransfer.api import view_storage
+    from ktransfer.methods import create_method
+
+    transfer_set, eval_set = data(), data(40, seed=1)
+    settings = {**SETTINGS, "method": "kl", "targets": "views", "cache": PredictionCache(tmp_path)}
+    with pytest.raises(ConfigError, match=r"method kl has top_k 5 but the view cache keeps only each view's 3 largest logits, so it would pick 2 classes among tied ones"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, top_k=5, cache_top_k=3, **settings)
+    assert not (tmp_path / "views").exists()  # refused before any work
+    kl = lambda k: create_method("kl", top_k=k)  # noqa: E731
+    # At most the cache's k, every class (0 or at least C), or a cache that kept every class: exact, allowed.
+    assert view_storage("views", None, 3, kl(3), 10) == ("float16", 3)
+    assert view_storage("views", "float32", 3, kl(2), 10) == ("float32", 3)
+    assert view_storage("views", None, 3, kl(0), 10) == view_storage("views", None, 3, kl(10), 10) == ("float16", 3)
+    assert view_storage("views", None, 10, kl(5), 10) == ("float16", 10)
+    assert view_storage("views", None, None, kl(5), 10) == ("float16", 0)
+    with pytest.raises(ConfigError, match="top_k 9 but"):
+        view_storage("views", None, 3, kl(9), 10)
+
+
+def test_cache_storage_options_without_views_are_refused_not_ignored(tmp_path):
+    transfer_set, eval_set = data(), data(40, seed=1)
+    for options, named in (({"cache_top_k": 3}, "cache_top_k"), ({"cache_dtype": "float32"}, "cache_dtype"), ({"cache_dtype": "float16", "cache_top_k": 0}, "cache_dtype and cache_top_k")):
+        with pytest.raises(ConfigError, match=rf"^{named} \(--cache-dtype, --cache-top-k\) set how targets views stores the frozen outputs, but this run's targets are online"):
+            ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, epochs=1, augment="paper", targets="online", **options)
+    with pytest.raises(ConfigError, match="this run's targets are cached"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, epochs=1, cache_top_k=3)
+
+
+def test_cli_refuses_cache_options_without_targets_views(tmp_path, small_fashion_mnist, tiny_zoo):
+    runner = CliRunner()
+    common = ["transfer", "--student", "zoo:cnn", "--teacher", "zoo:mlp", "--augment", "paper", "--epochs", "1", "--data-dir", str(small_fashion_mnist)]
+    result = runner.invoke(main, [*common, "--cache-top-k", "3", "--out", str(tmp_path / "a")])
+    assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith("Error: cache_top_k (--cache-dtype, --cache-top-k) set how targets views"), result.output
+    result = runner.invoke(main, [*common, "--targets", "online", "--cache-dtype", "float32", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "but this run's targets are online" in result.output
+    result = runner.invoke(main, [*common, "--targets", "views", "--cache-top-k", "3", "--method", "kl", "--param", "top_k=5", "--out", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "has top_k 5 but the view cache keeps only each view's 3" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "results.jsonl").exists()
+    result = runner.invoke(main, [*common, "--teacher", "zoo:vit", "--strategy", "soup", "--targets", "views", "--cache-top-k", "3", "--out", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy" in result.output
+
+
+def test_the_key_follows_the_code_that_makes_the_views(tmp_path, monkeypatch):
+    import inspect
+    from pathlib import Path
+
+    import ktransfer.augment
+    from ktransfer import view_cache
+
+    transfer_set, pre, teacher = data(), Preprocess((0.5,), (0.5,), (12, 12)), model(1, "teacher")
+    built = ViewCache(tmp_path, teacher, transfer_set, pre, seed=3)
+    built.build(0)
+    real = inspect.getsource
+
+    def edited(edit):  # the source as it reads once the file is edited
+        return lambda obj: edit(real(obj)) if obj in (ktransfer.augment, Preprocess.frame) else real(obj)
+
+    for edit in (lambda text: text.replace("SHIFT_FRACTION = 0.1", "SHIFT_FRACTION = 0.2"), lambda text: text.replace("crop_pct", "crop_share")):
+        with monkeypatch.context() as patch:
+            patch.setattr(inspect, "getsource", edited(edit))
+            after = ViewCache(tmp_path, teacher, transfer_set, pre, seed=3)
+            assert after.folder != built.folder and not after.has(0)  # the old views are not read
+    assert ViewCache(tmp_path, teacher, transfer_set, pre, seed=3).has(0)  # the same code reads them again
+    # What is hashed is augment.py as it is on disk, then the frame's code.
+    source = view_cache.recipe_source()
+    assert source.startswith(Path(ktransfer.augment.__file__).read_text()) and "def frame(self, images" in source
+    assert json.loads((built.folder / "meta.json").read_text())["recipe"] == view_cache.recipe_digest()
+
+
+class Scaled(nn.Module):
+    def __init__(self, inner: nn.Module, factor: float):
+        super().__init__()
+        self.inner, self.factor, self.num_classes = inner, factor, 10
+
+    def forward(self, x):
+        return self.inner(x) * self.factor
+
+
+def test_logits_beyond_float16s_range_are_refused_not_stored_as_infinite(tmp_path):
+    transfer_set, pre = data(), Preprocess((0.5,), (0.5,), (12, 12))
+    loud = Model(Scaled(SmallNet(1), 1e6), "loud", pre)
+    full = ViewCache(tmp_path, loud, transfer_set, pre, seed=3, dtype="float32")
+    full.build(0)
+    largest = float(full.logits(torch.arange(len(transfer_set)), 0).abs().max())
+    assert largest > 65504 and float(full.logits(torch.arange(len(transfer_set)), 0).abs().topk(3, dim=1).values.min()) > 65504
+    for top_k in (0, 3):  # every class, and only the 3 largest (which overflow too)
+        half = ViewCache(tmp_path, loud, transfer_set, pre, seed=3, top_k=top_k)
+        with pytest.raises(ViewCacheError, match=r"^loud's logits on the views of epoch 1 reach .* beyond what float16 holds \(±65504\), so they would be stored as infinite; cache them as float32"):
+            half.build(0)
+        assert not half.has(0) and not (half.folder / "meta.json").exists()
+    with pytest.raises(ViewCacheError, match="beyond what float16 holds"):  # and from a transfer
+        ktransfer.transfer(model(0, "student"), loud, transfer_set, data(40, seed=1), targets="views", cache=PredictionCache(tmp_path), **SETTINGS)
+
+
+def test_shard_files_are_synced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.fstat(descriptor).st_ino))
+        real_fsync(descriptor)
+
+    def renamer(real):
+        def rename(source, target):
+            events.append(("rename", os.stat(source).st_ino, Path(target)))
+            real(source, target)
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renamer(real_rename))
+    monkeypatch.setattr(os, "replace", renamer(real_replace))
+    cache = ViewCache(tmp_path, model(1, "teacher"), data(), Preprocess((0.5,), (0.5,), (12, 12)), seed=3, top_k=3)
+    cache.build(0)
+
+    def synced(start, stop):
+        return {event[1] for event in events[start:stop] if event[0] == "fsync"}
+
+    renames = {event[2]: (at, event[1]) for at, event in enumerate(events) if event[0] == "rename"}
+    # The shard: each of its files and its folder synced before the folder is renamed into place,
+    # the cache's folder (which records the rename) after.
+    at, folder = renames[cache.shard(0)]
+    files = sorted(cache.shard(0).iterdir())
+    assert [f.name for f in files] == ["classes.npy", "confidence.npy", "top_classes.npy", "top_values.npy"]
+    assert {f.stat().st_ino for f in files} | {folder} <= synced(0, at)
+    assert cache.folder.stat().st_ino in synced(at + 1, len(events))
+    # meta.json goes through paths.atomic_path: the file before its rename, the folder after.
+    at, meta = renames[cache.folder / "meta.json"]
+    assert meta == (cache.folder / "meta.json").stat().st_ino and meta in synced(0, at)
+    assert cache.folder.stat().st_ino in synced(at + 1, renames[cache.shard(0)][0])
+
+
+def test_a_streamed_folder_caches_the_same_views_as_the_folder_in_memory(tmp_path):
+    from folder_helpers import write_image_folder
+    from ktransfer.data.folder import FolderImageData, load_folder, scan_folder
+
+    listing = scan_folder(write_image_folder(tmp_path / "images", per_class=6))
+    memory = load_folder(listing, 16, workers=0, in_memory=True)
+    stream = load_folder(listing, 16, workers=0, in_memory=False)
+    assert isinstance(stream, FolderImageData) and not isinstance(memory, FolderImageData)
+    pre = Preprocess((0.5,) * 3, (0.5,) * 3, (12, 12))
+
+    def rgb(seed: int, name: str) -> Model:
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3))
+        module.num_classes = 3
+        return Model(module, name, pre)
+
+    index = torch.arange(len(listing))
+    for top_k in (0, 2):
+        caches = [ViewCache(tmp_path / "cache", rgb(1, "teacher"), images, pre, seed=3, dtype="float32", top_k=top_k) for images in (memory, stream)]
+        assert caches[0].folder != caches[1].folder  # the data's fingerprints differ (pixels, files)
+        for epoch in (0, 1):
+            assert [cache.build(epoch, batch_size=8) for cache in caches] == [True, True]  # 18 images: batches of 8, 8, 2
+            held, streamed = (cache.logits(index, epoch) for cache in caches)
+            assert torch.equal(held, streamed) and torch.equal(caches[0].confidence(index, epoch), caches[1].confidence(index, epoch))
+        assert not torch.equal(caches[1].logits(index, 0), caches[1].logits(index, 1))  # each epoch its own views
+        assert all(result["ok"] for result in caches[1].check(samples=5).values())
+    # A transfer with views on the streamed folder trains as the one on the folder in memory.
+    settings = dict(method="kl_dp", epochs=2, lr=0.05, batch_size=8, augment="paper", seed=3, targets="views", cache_dtype="float32", cache=PredictionCache(tmp_path / "cache"))
+    held, streamed = (ktransfer.transfer(rgb(0, "student"), rgb(1, "teacher"), images, images, **settings) for images in (memory, stream))
+    assert streamed.metrics["targets"] == "views" and streamed.metrics["n_transfer"] == len(listing)
+    for key, value in weights(held).items():
+        assert torch.equal(value, weights(streamed)[key]), key

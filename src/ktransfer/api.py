@@ -158,8 +158,8 @@ def transfer(
     channels_last: str = "auto",
     prefetch: str = "auto",
     compile: bool = False,
-    cache_dtype: str = "float16",
-    cache_top_k: int = 0,
+    cache_dtype: str | None = None,
+    cache_top_k: int | None = None,
     **hparams,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -179,9 +179,10 @@ def transfer(
     that is exact, i.e. without augmentation, and online with it. Cached with augmentation is
     refused; ``"views"`` (augmentation only) reads the frozen outputs on the very views of this
     run from the cache folder, computing missing epochs first, stored as ``cache_dtype``
-    (``"float16"`` or ``"float32"``, exact) and, with ``cache_top_k`` = k > 0, only each view's k
-    largest logits (the target renormalised over them; docs/performance.md). The record says which
-    was used.
+    (``"float16"``, the default, or ``"float32"``, exact) and, with ``cache_top_k`` = k > 0, only
+    each view's k largest logits (the target renormalised over them; docs/performance.md). Both are
+    refused without ``targets="views"``, and so is a method ``top_k`` above ``cache_top_k``. The
+    record says which was used.
 
     Checkpoints (off unless ``checkpoint_dir`` is given; see docs/checkpoints.md): one is written
     into ``checkpoint_dir`` at the end of every epoch, after every ``checkpoint_every`` optimiser
@@ -220,6 +221,7 @@ def transfer(
     if len(teachers) > 1 and not method.supports_multiple_teachers:
         raise ConfigError(f"method {method.name} takes one teacher; for several teachers in one run use a DP method (kl_dp)")
     targets = resolve_targets(targets, augment)
+    cache_dtype, cache_top_k = view_storage(targets, cache_dtype, cache_top_k, method, student_model.num_classes)
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
     transfer_set, guard_set, guard_source = guard_data(guard, val_data, guard_holdout, transfer_set, seed, class_names, eval_set=eval_set)
@@ -237,7 +239,7 @@ def transfer(
     if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
         raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
     if checkpoint_dir is not None:
-        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config)
+        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config, targets, (cache_dtype, cache_top_k))
         if guard_set is not None:  # a checkpoint carries the guard's best so far: resumed only with the same guard
             settings["guard"] = {"source": guard_source, "holdout": guard_holdout if guard_source == "holdout" else None, "data": guard_set.fingerprint()}
         checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
@@ -308,13 +310,44 @@ def check_guard_data(guard_set, eval_set, source: str) -> None:
     )
 
 
-def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig) -> dict:
-    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same."""
+def view_storage(targets: str, cache_dtype: str | None, cache_top_k: int | None, method: Method, classes: int) -> tuple[str, int]:
+    """How a view cache stores the frozen outputs, ``(dtype, top_k)``, from the options as given (None: left out).
+
+    They are refused where they would be ignored (targets other than views), and so is a method
+    ``top_k`` above the cache's: the classes the cache dropped read back tied, so the method would
+    pick its extra classes among them arbitrarily.
+    """
+    if targets != "views":
+        given = [name for name, value in (("cache_dtype", cache_dtype), ("cache_top_k", cache_top_k)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} (--cache-dtype, --cache-top-k) set how targets views stores the frozen outputs, but this run's targets are {targets}: use targets views (with augment paper) or leave them out")
+        return "float16", 0
+    dtype, top_k = cache_dtype if cache_dtype is not None else "float16", cache_top_k if cache_top_k is not None else 0
+    method_top_k = getattr(getattr(method, "params", None), "top_k", 0) or 0
+    if isinstance(top_k, int) and 0 < top_k < classes and top_k < method_top_k < classes:
+        raise ConfigError(
+            f"method {method.name} has top_k {method_top_k} but the view cache keeps only each view's {top_k} largest logits, so it would pick "
+            f"{method_top_k - top_k} classes among tied ones arbitrarily: give the method a top_k of at most {top_k}, or the cache a top-k of at least {method_top_k}"
+        )
+    return dtype, top_k
+
+
+def run_settings(student: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, targets: str = "cached", storage: tuple[str, int] = ("float16", 0)) -> dict:
+    """What determines a run's training and its history, as plain data: a checkpoint is resumed only by a run with the same.
+
+    The target mode counts (a top-k or float16 view cache changes the loss itself), and with views
+    the cache's dtype and top-k; methods that compare features always run online.
+    """
     training = {key: value for key, value in asdict(config).items() if key not in ("device", "eval_batch_size", "prefetch", "compile", "compile_backend")}
+    mode = "online" if method.needs_features else targets
+    cache_dtype, cache_top_k = storage if mode == "views" else (None, None)
     return {
         "method": method.name,
         "hparams": method.describe(),
         **training,
+        "targets": mode,
+        "cache_dtype": cache_dtype,
+        "cache_top_k": cache_top_k,
         "student": student.fingerprint(),
         "teachers": [teacher.fingerprint() for teacher in teachers],
         "transfer_data": transfer_set.fingerprint(),

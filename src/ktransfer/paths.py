@@ -23,15 +23,42 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Readers never see half a file, and processes writing the same file at once (a study's parallel
     workers, torchrun's ranks) each write a temporary file of their own, so the survivor is one whole file.
+    The file is flushed to disk (fsync) before the rename and the folder after it, so that a power
+    loss leaves the old file or the whole new one, not a renamed file with its contents missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        sync_file(tmp)
         os.replace(tmp, path)
+        sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_file(path: Path) -> None:
+    """Flush a closed file's contents to disk (fsync)."""
+    descriptor = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows syncs only files open for writing
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_directory(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it, new files) to disk, where the system can open folders."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder: the rename is what it offers
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse to sync a folder
+        pass
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

@@ -10,7 +10,8 @@ running the model. A study of N students and M teachers then runs M + N frozen p
 
 Layout, under the prediction cache's folder::
 
-    views/<key>/meta.json          what determines the views and the logits (the key is its hash)
+    views/<key>/meta.json          what determines the views and the logits (the key is its hash),
+                                   including a hash of the augmentation's code (recipe_digest)
     views/<key>/epoch-0003/        one folder per epoch, written whole (temporary folder, then rename)
         logits.npy                 [N, C] float16 (default) or float32, memory-mapped on read
         confidence.npy             [N, 2] float32: the probability of the true class and the maximum
@@ -22,6 +23,7 @@ Each epoch is a shard of its own: a run with fewer epochs reads a prefix, a long
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -32,11 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
+from . import augment as augment_module
 from .augment import Augmentation, check_augment
 from .data.base import ImageData
 from .errors import ConfigError, KTransferError
 from .models.base import Model, Preprocess
-from .paths import atomic_write_bytes, waiting_lock
+from .paths import atomic_write_bytes, sync_directory, waiting_lock
 from .targets import BatchTargets, TargetSource
 
 FORMAT = 1
@@ -64,13 +68,31 @@ class ViewKey:
     seed: int  # the augmentation seed (the transfer's seed)
     dtype: str
     top_k: int = 0  # > 0: only each view's k largest logits are kept (the rest read back as far below them)
+    recipe: str = ""  # recipe_digest(): a hash of the code that makes the views
 
     def fields(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "seed": self.seed, "dtype": self.dtype, "top_k": self.top_k}
+        return {"format": FORMAT, "model": self.model, "data": self.data, "frame": json.loads(self.frame), "augment": self.augment, "recipe": self.recipe, "seed": self.seed, "dtype": self.dtype, "top_k": self.top_k}
 
     @property
     def digest(self) -> str:
         return hashlib.blake2b(json.dumps(self.fields(), sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def recipe_source() -> str:
+    """The code that makes the views: all of ``ktransfer.augment`` and the student frame's crop and resize.
+
+    Any edit to it (a constant, the hue maths, the random streams) gives every view cache a new key,
+    so that views made by other code are never read. Without the source (a build that ships only
+    bytecode) the package version stands in for it.
+    """
+    try:
+        return inspect.getsource(augment_module) + inspect.getsource(Preprocess.frame)
+    except (OSError, TypeError):
+        return f"ktransfer {__version__} (source unavailable)"
+
+
+def recipe_digest() -> str:
+    return hashlib.blake2b(recipe_source().encode("utf-8"), digest_size=8).hexdigest()
 
 
 def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augment: str, seed: int, dtype: str = "float16", top_k: int = 0) -> ViewKey:
@@ -81,7 +103,7 @@ def view_key(model: Model, data: ImageData, student_preprocess: Preprocess, augm
         raise ConfigError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}; got {dtype!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ConfigError(f"cache top-k must be 0 (every class) or a positive number of classes; got {top_k!r}")
-    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype, int(top_k))
+    return ViewKey(model.fingerprint(), data.fingerprint(), json.dumps(frame_description(student_preprocess), sort_keys=True), augment, int(seed), dtype, int(top_k), recipe_digest())
 
 
 def _differences(expected: dict, found: dict) -> list[str]:
@@ -142,11 +164,15 @@ class ViewCache:
 
     @torch.no_grad()
     def views_logits(self, index: torch.Tensor, epoch: int, batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The model's float32 logits on the views of samples ``index`` in ``epoch`` (computed now)."""
+        """The model's float32 logits on the views of samples ``index`` in ``epoch`` (computed now).
+
+        The images come from the data's batches, so a streamed folder (decoded from disk per batch)
+        serves as well as data held in memory.
+        """
         self.model.module.eval()
         out = []
-        for chunk in torch.as_tensor(index).split(batch_size):
-            images = self.data.images[chunk].to(device)
+        for chunk, images, _ in self.data.batches(torch.as_tensor(index, dtype=torch.int64).reshape(-1), batch_size):
+            images = images.to(device)
             views = self.augmentation(self.student_preprocess.frame(images), chunk, epoch)
             out.append(self.model.logits(views).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
@@ -165,30 +191,54 @@ class ViewCache:
             logits = self.views_logits(torch.arange(len(self.data)), epoch, batch_size, device)
             if not torch.isfinite(logits).all():
                 raise ViewCacheError(f"{self.model.name} gives non-finite logits on the views of epoch {epoch + 1}; check the model and the data before caching")
+            arrays = self._stored_arrays(logits, epoch)
             if not (self.folder / "meta.json").is_file():
                 atomic_write_bytes(self.folder / "meta.json", (json.dumps(self.key.fields(), indent=1) + "\n").encode("utf-8"))
-            self._write_shard(epoch, logits)
+            self._write_shard(epoch, arrays)
         return True
 
-    def _write_shard(self, epoch: int, logits: torch.Tensor) -> None:
-        """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all."""
+    def _stored_arrays(self, logits: torch.Tensor, epoch: int) -> dict[str, np.ndarray]:
+        """The shard's arrays by file name, as stored: checked finite after the cast to the cache's dtype."""
+        store = CACHE_DTYPES[self.key.dtype]
+        arrays = {"confidence": routing_confidence(logits, self.data.labels).numpy()}
+        if 0 < self.key.top_k < logits.shape[1]:  # the k largest logits with their classes (int16 up to 32768 classes)
+            top = logits.topk(self.key.top_k, dim=1)
+            kept = top.values.numpy()
+            arrays["top_classes"] = top.indices.numpy().astype(np.int16 if logits.shape[1] <= 2**15 else np.int32)
+            arrays["classes"] = np.asarray([logits.shape[1]], dtype=np.int64)
+            name = "top_values"
+        else:
+            kept, name = logits.numpy(), "logits"
+        with np.errstate(over="ignore"):  # an overflow is reported below, in words
+            arrays[name] = stored = kept.astype(store)
+        if not np.isfinite(stored).all():  # float16 holds at most ±65504: larger logits would read back as ±inf
+            raise ViewCacheError(
+                f"{self.model.name}'s logits on the views of epoch {epoch + 1} reach {float(np.abs(kept).max()):.6g}, beyond what {self.key.dtype} holds "
+                f"(±{float(np.finfo(store).max):.6g}), so they would be stored as infinite; cache them as float32 (--cache-dtype float32, cache_dtype='float32')"
+            )
+        return arrays
+
+    def _write_shard(self, epoch: int, arrays: dict[str, np.ndarray]) -> None:
+        """The shard's files, written into a temporary folder that is then renamed: it appears whole or not at all.
+
+        Each file and the temporary folder are flushed to disk (fsync) before the rename, the cache's
+        folder after it: after a power loss the shard is there whole or not at all.
+        """
         tmp = self.folder / f".epoch-{epoch:04d}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
         try:
-            np.save(tmp / "confidence.npy", routing_confidence(logits, self.data.labels).numpy())
-            store = CACHE_DTYPES[self.key.dtype]
-            if 0 < self.key.top_k < logits.shape[1]:  # the k largest logits with their classes (int16 up to 32768 classes)
-                top = logits.topk(self.key.top_k, dim=1)
-                np.save(tmp / "top_values.npy", top.values.numpy().astype(store))
-                np.save(tmp / "top_classes.npy", top.indices.numpy().astype(np.int16 if logits.shape[1] <= 2**15 else np.int32))
-                np.save(tmp / "classes.npy", np.asarray([logits.shape[1]], dtype=np.int64))
-            else:
-                np.save(tmp / "logits.npy", logits.numpy().astype(store))
+            for name, array in arrays.items():
+                with open(tmp / f"{name}.npy", "wb") as handle:
+                    np.save(handle, array)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            sync_directory(tmp)
             try:
                 os.rename(tmp, self.shard(epoch))
             except OSError:  # without advisory locks another process may have renamed its copy first
                 if not self.has(epoch):
                     raise
+            sync_directory(self.folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -219,7 +269,8 @@ class ViewCache:
 
         With top-k, the classes outside a view's k largest logits read back ``TOP_K_GAP`` below its
         smallest kept one: a softmax gives them no mass (e^-1000 is 0 in float32), so the target is the
-        top-k distribution renormalised, as in the paper's top-k ablation.
+        top-k distribution renormalised. The student is renormalised over those k classes only by a
+        method with ``top_k`` (at most k: the dropped classes tie, so a larger one is refused).
         """
         files = self._load(epoch)
         if "logits" in files:  # every class stored: no top-k, or k not below the number of classes

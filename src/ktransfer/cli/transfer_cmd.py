@@ -24,8 +24,8 @@ from .options import data_dir_option, parse_params
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", type=click.Choice(["cached", "online", "views"]), default=None, help="cached: teacher outputs computed once over the transfer set (the default without augmentation); online: a teacher forward pass per batch (the default with --augment paper); views (with --augment paper): the frozen outputs on each augmented view, computed once into the prediction cache and reused by every run on the same views (see ktransfer precompute).")
-@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="--targets views: how the cached outputs are stored; float32 reproduces online targets exactly.")
-@click.option("--cache-top-k", type=click.IntRange(min=0), default=0, show_default=True, metavar="K", help="--targets views: keep only each view's K largest logits (the target renormalised over them; 0: every class).")
+@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default=None, help="--targets views: how the cached outputs are stored; float32 reproduces online targets exactly.  [default: float16]")
+@click.option("--cache-top-k", type=click.IntRange(min=0), default=None, metavar="K", help="--targets views: keep only each view's K largest logits (the target renormalised over them; 0: every class). A --param top_k above K is refused.  [default: 0]")
 @click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
 @click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
@@ -88,6 +88,8 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         raise ConfigError("--amp, --channels-last, --prefetch and --compile apply to a single transfer, not yet to --strategy")
     if guard and strategy is not None:
         raise ConfigError("--guard applies to a single transfer, not yet to --strategy")
+    if strategy is not None and (cache_dtype is not None or cache_top_k is not None):
+        raise ConfigError("--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy")
     if launched_by_torchrun() and (strategy is not None or controls):
         raise ConfigError("under torchrun, ktransfer transfer runs one transfer; run --strategy and --controls in one process, or their transfers one by one")
     # Under torchrun every process runs this command; rank 0 alone prints and writes.
