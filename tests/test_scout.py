@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 from ktransfer.cli import main
 from ktransfer.errors import KTransferError
 from ktransfer.scout import (
-    PairStatistics, ScoutedPair, ScoutPredictor, fit_predictor, flip_spread, leave_one_student_out, pair_statistics, routed_share, spearman, verdict,
+    PairStatistics, ScoutedPair, ScoutPredictor, fit_predictor, flip_spread, held_out_predictions, leave_one_student_out, pair_statistics, routed_share, spearman, verdict,
 )
 
 
@@ -85,6 +86,80 @@ def test_leave_one_student_out_ranks_a_clean_signal_and_not_noise():
     assert noisy["loso"]["low"] < 0.3  # the interval admits no correlation when Δ is all noise
 
 
+def mirrored_pairs(models=5, seed=0):
+    """Every ordered pair of ``models`` models, each model a student and a teacher, with mirrored features:
+    ρ_pos(s→t) = ρ_neg(t→s) and accuracy_gap(t, s) = −accuracy_gap(s, t), as real pairs have them."""
+    rng = np.random.default_rng(seed)
+    accuracy = rng.uniform(70, 90, models)
+    wrong_right = rng.uniform(1, 10, (models, models))  # [s, t]: share s gets wrong and t right
+    pairs = []
+    for s in range(models):
+        for t in range(models):
+            if s != t:
+                gap = accuracy[t] - accuracy[s]
+                stats = PairStatistics(f"m{s}", f"m{t}", wrong_right[s, t], 50 + gap, gap, 0.5 + 0.01 * s + 0.001 * t,
+                                       negative_flips=wrong_right[t, s], student_accuracy=accuracy[s], teacher_accuracy=accuracy[t], n=100)
+                pairs.append(ScoutedPair(stats, float(0.2 * gap + 0.1 * wrong_right[s, t] + rng.normal()), 10, 5, 1000, 1))
+    return pairs
+
+
+def test_leave_one_model_out_fits_on_no_pair_involving_the_held_out_model(monkeypatch):
+    scout_module = importlib.import_module("ktransfer.scout")  # the package attribute is the scout function
+
+    pairs = mirrored_pairs()
+    names = {tuple(p.stats.features()): (p.stats.student, p.stats.teacher) for p in pairs}
+    fitted_on = []
+
+    def recording_fit(features, deltas, *args, **kwargs):
+        fitted_on.append([names[tuple(row)] for row in features])
+        return fit_predictor(features, deltas, *args, **kwargs)
+
+    monkeypatch.setattr(scout_module, "fit_predictor", recording_fit)
+    students = [f"m{i}" for i in range(5)]  # held out in this order
+    predicted, note = held_out_predictions(pairs, "model")
+    assert note is None and len(fitted_on) == 5 and predicted.shape == (20,)
+    for held, train in zip(students, fitted_on):
+        assert len(train) == 12 and all(held not in pair for pair in train)  # the 4 other models' 4·3 pairs
+    fitted_on.clear()
+    held_out_predictions(pairs, "student")
+    for held, train in zip(students, fitted_on):
+        # leave-one-student-out: 16 pairs, 4 of them with the held-out student as the teacher
+        assert len(train) == 16 and sum(t == held for _, t in train) == 4 and all(s != held for s, _ in train)
+
+
+def test_the_fit_report_gives_both_splits_and_they_differ_only_where_a_student_also_teaches():
+    mirrored = leave_one_student_out(mirrored_pairs(), resamples=50)
+    assert mirrored["lomo"]["n"] == mirrored["loso"]["n"] == 20 and mirrored["lomo_note"] is None
+    assert mirrored["predicted_lomo"] != pytest.approx(mirrored["predicted"])
+    # Students that never teach (disjoint names): nothing more to hold out, the two splits agree exactly.
+    disjoint = leave_one_student_out(synthetic_pairs(noise=0.5), resamples=50)
+    assert disjoint["predicted_lomo"] == pytest.approx(disjoint["predicted"], abs=1e-12)
+    assert disjoint["lomo"]["spearman"] == pytest.approx(disjoint["loso"]["spearman"])
+
+
+def test_leave_one_model_out_says_why_when_too_few_pairs_remain():
+    three = [p for p in mirrored_pairs(models=3)]  # holding out one of 3 models leaves its 2 mirror-free pairs
+    result = leave_one_student_out(three, resamples=20)
+    assert result["lomo"] is None and result["predicted_lomo"] is None
+    assert result["lomo_note"] == "holding out m0 leaves 2 training pairs (a fit needs 3)"
+    assert result["loso"]["n"] == 6  # leave-one-student-out still has 4 training pairs
+
+
+def test_the_fit_summary_heads_with_leave_one_model_out_and_shows_both():
+    from ktransfer.cli.scout_cmd import fit_summary
+
+    pairs = mirrored_pairs()
+    predictor = fit_predictor([p.stats.features() for p in pairs], [p.delta for p in pairs])
+    evaluation = leave_one_student_out(pairs, resamples=50)
+    predictor.evaluation = {k: v for k, v in evaluation.items() if not k.startswith("predicted")}
+    lines = fit_summary(predictor)
+    lomo = next(i for i, line in enumerate(lines) if line.startswith("leave-one-model-out Spearman"))
+    loso = next(i for i, line in enumerate(lines) if line.startswith("leave-one-student-out Spearman"))
+    assert lomo < loso and f"{evaluation['lomo']['spearman']:+.2f}" in lines[lomo] and f"{evaluation['loso']['spearman']:+.2f}" in lines[loso]
+    shipped = fit_summary(ScoutPredictor.load())  # fitted before the split existed: said, not invented
+    assert any(line.startswith("leave-one-model-out Spearman: not computed") for line in shipped)
+
+
 def test_verdicts():
     assert verdict(0.1, 0.5) == "likely to help"
     assert verdict(-0.3, 0.0) == "unlikely to help"
@@ -141,7 +216,8 @@ def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, ti
     fitted = tmp_path / "predictor.json"
     result = runner.invoke(main, ["scout", "--fit", str(study.folder), "-o", str(fitted)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "Spearman" in result.output
+    assert "leave-one-student-out Spearman" in result.output
+    assert "leave-one-model-out Spearman: not computed (holding out zoo:" in result.output  # 3 models: 2 pairs left
     saved = json.loads(fitted.read_text())
     predictor = ScoutPredictor.load(fitted)
     assert predictor.method == "kl_dp" and saved["setting"]["evaluated_on"].startswith("fashion-mnist")
