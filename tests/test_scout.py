@@ -186,20 +186,47 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert result.exit_code != 0 and "at least one --teacher" in result.output
 
 
-def test_scout_ranks_tiny_models(tiny_data):
+class LookupModule(torch.nn.Module):
+    """Predicts a fixed class per sample: the input is the sample's index, the output that row of one-hot logits."""
+
+    def __init__(self, predictions, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("table", one_hot_logits(predictions, num_classes))
+
+    def forward(self, x):
+        return self.table[x[:, 0].round().long()]
+
+
+def test_scout_ranks_teachers_by_the_predictors_formula_on_a_case_known_by_hand():
     import ktransfer
-    from ktransfer.models import Model, Preprocess
+    from ktransfer.data.base import ImageData
+    from ktransfer.models import Model
 
-    _, evaluation = tiny_data
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    data = ImageData(torch.arange(10, dtype=torch.float32).unsqueeze(1), torch.tensor(labels), ["a", "b", "c"], "by-hand")
 
-    def model(name, seed):
-        torch.manual_seed(seed)
-        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
-        return Model(module, name, Preprocess(mean=(0.5,), std=(0.5,)))
+    def model(name, right):  # right on the samples in ``right``, one class off elsewhere
+        return Model(LookupModule([y if i in right else (y + 1) % 3 for i, y in enumerate(labels)]), name)
 
-    result = ktransfer.scout(model("student", 0), [model("a", 1), model("b", 2)], evaluation)
-    assert len(result.teachers) == 2 and [t.predicted for t in result.teachers] == sorted([t.predicted for t in result.teachers], reverse=True)
-    assert all(t.stats.n == len(evaluation) for t in result.teachers)
+    student = model("student", range(0, 6))  # 60%: wrong on 6..9
+    teachers = {
+        "strong": model("strong", range(10)),  # ρ_pos 40 (6..9), ρ_neg 0, gap +40
+        "same": model("same", range(4, 10)),  # ρ_pos 40 (6..9), ρ_neg 40 (0..3), gap 0
+        "weak": model("weak", range(0, 3)),  # ρ_pos 0, ρ_neg 30 (3..5), gap -30
+    }
+    # Predicted Δ = -42 + 2·ρ_pos − gap = -42 + ρ_pos + ρ_neg (since gap = ρ_pos − ρ_neg): by hand same +38,
+    # strong -2, weak -12 — not the order of the teachers' accuracy. The interval is ±10.
+    predictor = ScoutPredictor(
+        features=["positive_flips", "teacher_share", "accuracy_gap", "flip_spread"], mean=[0.0] * 4, scale=[1.0] * 4,
+        coefficients=[2.0, 0.0, -1.0, 0.0], intercept=-42.0, residual_low=-10.0, residual_high=10.0, method="kl",
+    )
+    result = ktransfer.scout(student, [teachers["weak"], teachers["strong"], teachers["same"]], data, predictor=predictor)
+    assert result.ranking == ["same", "strong", "weak"]
+    assert [t.predicted for t in result.teachers] == pytest.approx([38.0, -2.0, -12.0])
+    assert [end for t in result.teachers for end in (t.low, t.high)] == pytest.approx([28.0, 48.0, -12.0, 8.0, -22.0, -2.0])
+    assert [t.verdict for t in result.teachers] == ["likely to help", "uncertain", "unlikely to help"]
+    assert result.unlikely == ["weak"] and all(t.stats.n == 10 for t in result.teachers)
 
 
 def test_fit_on_a_study_then_scout_from_the_command_line(small_fashion_mnist, tiny_zoo, tmp_path):
