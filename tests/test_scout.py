@@ -1,6 +1,7 @@
 import importlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +171,39 @@ def test_the_shipped_predictor_loads():
     predictor = ScoutPredictor.load()
     assert predictor.n_pairs == 30 and len(predictor.coefficients) == 4
     assert predictor.evaluation["loso"]["n"] == 30 and predictor.method == "kl" and predictor.setting["evaluated_on"] == "fashion-mnist/validation"
+
+
+def test_the_shipped_predictor_predicts_by_its_formula_on_features_built_by_hand():
+    # Its 30 pairs' per-pair Δs are not shipped, so its Spearman cannot be recomputed here; its predictions can.
+    predictor = ScoutPredictor.load()
+    mean, scale = np.array(predictor.mean), np.array(predictor.scale)
+    # The statistics' average pair predicts the intercept, which the unpenalised ridge sets to the mean realised Δ.
+    predicted, low, high = predictor.predict(mean)
+    assert predicted[0] == pytest.approx(-0.48667, abs=1e-5) == predictor.evaluation["noise"]["mean_delta"]
+    # ... with the interval -0.4867 + (-0.5088, +0.4165) = [-0.9955, -0.0702]: the whole of it below 0
+    assert (low[0], high[0]) == pytest.approx((-0.99547, -0.07016), abs=1e-5) and verdict(low[0], high[0]) == "unlikely to help"
+    # One standard deviation more of each statistic adds its coefficient (points of Δ per std): +1 std of the
+    # accuracy gap (3.61 points) adds +0.88, of ρ_pos (1.98 points) −0.40, of the share to the teacher +0.13.
+    steps = predictor.predict(mean + np.diag(scale))[0] - predicted[0]
+    assert steps == pytest.approx([-0.40317, 0.13314, 0.88184, -0.00475], abs=1e-5)
+    # A pair by hand: ρ_pos 6%, 60% to the teacher, +2 points of accuracy, spread 0.9
+    by_hand = -0.48667 - 0.40317 * (6 - 4.853) / 1.97579 + 0.13314 * (60 - 49.98133) / 25.13442 + 0.88184 * 2 / 3.61182 - 0.00475 * (0.9 - 0.89999) / 0.02839
+    assert predictor.predict([6.0, 60.0, 2.0, 0.9])[0][0] == pytest.approx(by_hand, abs=1e-4)
+    # Its statistics' averages over the 30 ordered pairs: the accuracy gap is antisymmetric, so its mean is exactly 0.
+    assert predictor.mean[2] == 0.0
+
+
+def test_the_shipped_predictors_stored_evaluation_is_what_docs_scouting_md_reports():
+    e = ScoutPredictor.load().evaluation
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scouting.md").read_text(encoding="utf-8")
+    loso = e["loso"]
+    assert f"{loso['spearman']:+.2f} [{loso['low']:+.2f}, {loso['high']:+.2f}], p = {loso['p_value']:.1g}" in text
+    assert "| `kl` | {:+.2f} | {:.2f} | {:.2f} | {}/{} |".format(e["noise"]["mean_delta"], e["noise"]["spread"], e["noise"]["noise"], e["noise"]["significant"], e["noise"]["tested"]).replace("-", "−") in text
+    assert "| {:+.2f} | {:+.2f} | {:+.2f} | {:+.2f} |".format(e["within_student_mean"], *(e["baselines"][n]["spearman"] for n in ("positive_flips", "teacher_share", "accuracy_gap"))) in text
+    test = e["test"]
+    assert f"Spearman {test['spearman']:+.2f} [{test['low']:+.2f}, {test['high']:+.2f}] (permutation p = {test['p_value']:.1g}, {test['n']} pairs)" in text
+    assert "lomo" not in e  # fitted before that split: docs/scouting.md says its leave-one-model-out score is not known
+    assert "leave-one-model-out score is not known" in text
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
