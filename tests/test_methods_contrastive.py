@@ -12,15 +12,29 @@ from ktransfer.methods.base import StepInputs
 from ktransfer.methods.contrastive import EmbeddingQueue, nce_loss, similarity_distillation, similarity_logits
 
 
-def test_cd_zero_for_equal_or_rescaled_features_and_non_negative():
+def test_cd_zero_for_equal_or_rescaled_features():
     torch.manual_seed(0)
     features = torch.randn(16, 8)
     assert similarity_distillation(features, features.clone()).item() == pytest.approx(0.0, abs=1e-6)
     assert similarity_distillation(3.0 * features, features).item() == pytest.approx(0.0, abs=1e-6)  # cosine: scale-free
-    for _ in range(5):
-        student, teacher = torch.randn(16, 8), torch.randn(16, 12)  # widths may differ: only B×B matrices meet
-        assert similarity_distillation(student, teacher).item() >= 0
-        assert similarity_distillation(student, teacher, reverse=True).item() >= 0
+
+
+def test_cd_hand_computed_with_other_widths_a_temperature_and_both_reductions():
+    # Widths may differ (2 and 3): only the B×B similarity matrices meet.
+    student = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # cosine 1/√2
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # cosine 0
+    tau, c = 0.5, 1 / math.sqrt(2)
+    p = math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(c / tau))  # σ(S_s / τ) on the diagonal, each row
+    q = math.exp(1 / tau) / (math.exp(1 / tau) + 1.0)  # σ(S_t / τ) on the diagonal, each row
+    forward = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))  # KL(σ(S_t) ‖ σ(S_s)), equal in both rows
+    reverse = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    assert forward > 0 and reverse > 0 and forward != pytest.approx(reverse)  # KL is not symmetric here
+    assert similarity_distillation(student, teacher, temperature=tau).item() == pytest.approx(forward, rel=1e-5)
+    assert similarity_distillation(student, teacher, temperature=tau, reverse=True).item() == pytest.approx(reverse, rel=1e-5)
+    assert similarity_distillation(student, teacher, temperature=tau, reduction="sum").item() == pytest.approx(2 * forward, rel=1e-5)
+    # cosine similarities: rescaling one sample's features changes nothing
+    rescaled = student * torch.tensor([[1.0], [3.0]])
+    assert similarity_distillation(rescaled, teacher, temperature=tau).item() == pytest.approx(forward, rel=1e-5)
 
 
 def test_cd_hand_computed():
@@ -79,14 +93,21 @@ def test_nce_loss_hand_computed_and_own_slot_excluded():
     assert nce_loss(anchor, positive, bank, torch.tensor([-1]), tau, log_z).item() == pytest.approx(expected_all, rel=1e-5)
 
 
-def test_nce_loss_non_negative_and_lower_for_aligned_pairs():
+def test_nce_loss_where_every_score_is_zero_by_hand_and_lower_for_aligned_pairs():
+    # Anchors orthogonal to their positives and to all K = 5 negatives, Z = 1: every ratio r is 1, so the loss of
+    # each anchor is −log(1/(1+K)) − K·log(K/(1+K)) = log 6 + 5·log(6/5) = 2.70...
+    eye = torch.eye(8)
+    anchors, positives, bank = eye[[0, 1]], eye[[2, 3]], eye[3:8]
+    k = 5
+    expected = math.log(1 + k) + k * math.log((1 + k) / k)
+    assert nce_loss(anchors, positives, bank, torch.full((2,), -1), 0.07, 0.0).item() == pytest.approx(expected, rel=1e-6)
+    # An aligned positive (score 1/τ) and an orthogonal one against random negatives: aligned is lower.
     torch.manual_seed(1)
     anchors = F.normalize(torch.randn(32, 16), dim=1)
     bank = F.normalize(torch.randn(64, 16), dim=1)
     none = torch.full((32,), -1)
     aligned = nce_loss(anchors, anchors, bank, none, 0.07, 0.0)
     random = nce_loss(anchors, F.normalize(torch.randn(32, 16), dim=1), bank, none, 0.07, 0.0)
-    assert aligned.item() >= 0 and random.item() >= 0
     assert aligned.item() < random.item()
 
 

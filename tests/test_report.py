@@ -244,9 +244,15 @@ def test_report_renders_in_headless_chromium(small_fashion_mnist, tiny_zoo, tmp_
 def test_report_shows_predicted_against_realised_delta(folder):
     import json
 
-    scout = {"method": "kl", "evaluation": {"loso": {"spearman": 0.5, "low": 0.1, "high": 0.8, "p_value": 0.01}},
-             "pairs": [{"student": "zoo:s1", "teacher": "zoo:t1", "predicted_loso": 0.75, "predicted": 0.5, "low": -0.25, "high": 1.25, "delta": 1.0, "noise": 0.2, "test_delta": None}]}
+    scout = {"method": "kl", "evaluation": {"loso": {"spearman": 0.5, "low": 0.1, "high": 0.8, "p_value": 0.01},
+                                            "lomo": {"spearman": 0.4, "low": 0.05, "high": 0.7, "p_value": 0.02}},
+             "pairs": [{"student": "zoo:s1", "teacher": "zoo:t1", "predicted_lomo": 0.625, "predicted_loso": 0.75, "predicted": 0.5, "low": -0.25, "high": 1.25, "delta": 1.0, "noise": 0.2, "test_delta": None}]}
     (folder / "scout.json").write_text(json.dumps(scout))
     page = build_report(folder).html.read_text()
-    assert 'id="scout-table"' in page and "Spearman +0.50 [+0.10, +0.80]" in page
-    assert "t1 → s1" in page and "+0.75" in page and "[-0.25, +1.25]" in page
+    assert 'id="scout-table"' in page and "leave-one-student-out Spearman +0.50 [+0.10, +0.80]" in page
+    assert "leave-one-model-out Spearman +0.40 [+0.05, +0.70]" in page and "predicted (model held out)" in page
+    assert "t1 → s1" in page and "+0.62" in page and "+0.75" in page and "[-0.25, +1.25]" in page
+    # a scout.json from before the leave-one-model-out split says so instead of showing a number
+    del scout["evaluation"]["lomo"], scout["pairs"][0]["predicted_lomo"]
+    (folder / "scout.json").write_text(json.dumps(scout))
+    assert "leave-one-model-out Spearman not computed" in build_report(folder).html.read_text()

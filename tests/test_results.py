@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ktransfer.controls import attach_controls, as_control_record, control_method
-from ktransfer.results import summarize, summarize_controls, success_by_student
+from ktransfer.results import pair_means, summarize, summarize_controls, success_by_student
 
 
 def transfer_record(student, teacher, delta, p_value=0.5, seed=0, **extra):
@@ -103,3 +103,28 @@ def test_median_capture_is_over_pairs_with_a_positive_ensemble_delta_seeds_avera
     text = console.export_text()
     assert "median capture" in text and "12% (3 pairs)" in text  # 0.125 shown to the whole percent
     assert "ens Δ" in text and "+4.00" in text and "25%" in text and "-30%" in text
+
+
+def counted_record(teacher, count, n_eval=10_000, seed=0):
+    """A record as a transfer writes it: Δ is the percentage of an integer count ``count`` over ``n_eval``."""
+    gain, loss = max(count, 0), max(-count, 0)
+    return transfer_record("s", teacher, 100.0 * count / n_eval, seed=seed, n_eval=n_eval, gain_count=gain, loss_count=loss)
+
+
+def test_a_pair_whose_seed_counts_sum_to_zero_has_mean_delta_exactly_zero_and_is_no_success():
+    # Counts -30, +2, +28 over 10000: the float percentages average to 1.27e-17, the true mean is 0 (SPEC §2: Δ > 0 strictly)
+    zero = [counted_record("t0", count, seed=seed) for seed, count in enumerate((-30, 2, 28))]
+    assert sum(r["delta"] for r in zero) / 3 != 0.0  # the float mean this test guards against
+    assert pair_means(zero) == {("kl", "s", "t0"): 0.0}
+    assert success_by_student(zero) == {"kl": {"s": 0.0}}
+    # one count more is a real (tiny) gain: +1/3 of a sample per seed
+    plus = [counted_record("t1", count, seed=seed) for seed, count in enumerate((-30, 2, 29))]
+    assert pair_means(plus)[("kl", "s", "t1")] == pytest.approx(100 / 3 / 10_000)
+    assert success_by_student(zero + plus) == {"kl": {"s": 50.0}}  # t1 is a success, t0 is not
+
+
+def test_the_exact_pair_mean_recovers_counts_from_delta_and_n_eval_when_counts_are_absent():
+    records = [counted_record("t", count, seed=seed) for seed, count in enumerate((-30, 2, 28))]
+    for r in records:
+        del r["gain_count"], r["loss_count"]
+    assert pair_means(records) == {("kl", "s", "t"): 0.0}

@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -70,13 +71,47 @@ def is_control(record: dict) -> bool:
     return bool(record.get("control"))
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def exact_delta(record: dict) -> Fraction | float:
+    """A record's Δ (percent) as an exact fraction of its integer counts, so a mean of Δs that is 0 comes out exactly 0.
+
+    The counts are ``gain_count − loss_count`` (which equals correct_after − correct_before) over
+    ``n_eval``. A record without them gives its count back from ``delta × n_eval / 100`` where that
+    reproduces ``delta``; otherwise its float ``delta`` is taken exactly as it is.
+    """
+    delta, n_eval = record["delta"], record.get("n_eval")
+    if _is_count(n_eval) and n_eval > 0:
+        gain, loss = record.get("gain_count"), record.get("loss_count")
+        if _is_count(gain) and _is_count(loss):
+            return Fraction(100 * (gain - loss), n_eval)
+        count = round(delta * n_eval / 100)
+        if 100.0 * count / n_eval == delta:
+            return Fraction(100 * count, n_eval)
+    return Fraction(delta) if math.isfinite(delta) else delta
+
+
 def pair_means(records: Iterable[dict], key: str = "delta") -> dict[tuple[str, str, str], float]:
-    """Mean of ``key`` per (method, student, teacher), over seeds: a pair counts once in a success rate."""
-    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    """Mean of ``key`` per (method, student, teacher), over seeds: a pair counts once in a success rate.
+
+    Δ (``key == "delta"``) is averaged exactly over the integer counts (:func:`exact_delta`): the float
+    percentages ``100·k/n`` of counts that sum to 0 would average to ±1e-17 and count as a success.
+    """
+    groups: dict[tuple[str, str, str], list] = defaultdict(list)
     for r in records:
         if r.get(key) is not None:
-            groups[(r["method"], r["student"], r["teacher"])].append(r[key])
-    return {pair: statistics.fmean(values) for pair, values in groups.items()}
+            groups[(r["method"], r["student"], r["teacher"])].append(exact_delta(r) if key == "delta" else r[key])
+    if key != "delta":
+        return {pair: statistics.fmean(values) for pair, values in groups.items()}
+    return {pair: _exact_mean(values) for pair, values in groups.items()}
+
+
+def _exact_mean(values: list) -> float:
+    if all(isinstance(v, Fraction) for v in values):
+        return float(sum(values, Fraction(0)) / len(values))  # a nonzero fraction never rounds to 0.0 here
+    return statistics.fmean(float(v) for v in values)
 
 
 def success_by_student(records: Iterable[dict], significant: bool = False, alpha: float = ALPHA) -> dict[str, dict[str, float]]:

@@ -16,8 +16,8 @@ always predicts from the feature list stored in its file.
 
 A :class:`ScoutPredictor` (standardised features, ridge regression) maps them to a predicted Δ
 with an interval from leave-one-out residuals. It is fitted on a study's realised Δs
-(:func:`fit_study`), and :func:`leave_one_student_out` says how well it ranks pairs it has not
-seen. :func:`scout` ranks a student's candidate teachers with it.
+(:func:`fit_study`), and :func:`leave_one_student_out` says how well it ranks pairs of a model it
+has not seen (leave-one-model-out, with the optimistic leave-one-student-out beside it). :func:`scout` ranks a student's candidate teachers with it.
 """
 
 from __future__ import annotations
@@ -337,31 +337,65 @@ class ScoutedPair:
         return mcnemar_p_value(self.gain_count, self.loss_count) if self.gain_count is not None else None
 
 
-def leave_one_student_out(pairs: Sequence[ScoutedPair], feature_names: Sequence[str] = FEATURES, *, ridge: float = DEFAULT_RIDGE, resamples: int = 2000, seed: int = 0) -> dict:
-    """Fit on all students but one, predict that student's pairs; Spearman over all pairs, with interval.
+HELD_OUT_SPLITS = ("model", "student")
 
-    Also, for reference, the Spearman of single statistics (no fitting: a rank correlation does
-    not care about scale), and the mean Spearman within each student (ranking one student's
-    teachers, what ``scout`` is used for).
+
+def held_out_predictions(pairs: Sequence[ScoutedPair], split: str = "model", feature_names: Sequence[str] = FEATURES, *, ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray | None, str | None]:
+    """Each pair's Δ predicted by a fit that did not see its student: (predictions, None), or (None, why not).
+
+    Every student in turn is held out and its pairs predicted. ``split="model"`` (leave-one-model-out)
+    fits on the pairs that involve the held-out model in neither role, so the model is wholly unseen;
+    ``split="student"`` (leave-one-student-out) only leaves out the pairs it is the student of, so it
+    still teaches in training pairs whose features mirror its own (ρ_pos(t→s) = ρ_neg(s→t), the
+    accuracy gap negated), which makes that score optimistic.
+    """
+    if split not in HELD_OUT_SPLITS:
+        raise ConfigError(f"held-out split {split!r} is not one of {', '.join(HELD_OUT_SPLITS)}")
+    predicted = np.empty(len(pairs))
+    for student in dict.fromkeys(p.stats.student for p in pairs):
+        held = np.array([p.stats.student == student for p in pairs])
+        if split == "model":
+            train = [p for p in pairs if student not in (p.stats.student, p.stats.teacher)]
+        else:
+            train = [p for p, h in zip(pairs, held) if not h]
+        if len(train) < 3:
+            return None, f"holding out {student} leaves {len(train)} training pairs (a fit needs 3)"
+        model = fit_predictor([p.stats.features(feature_names) for p in train], [p.delta for p in train], feature_names, ridge=ridge)
+        predicted[held] = model.predict([p.stats.features(feature_names) for p, h in zip(pairs, held) if h])[0]
+    return predicted, None
+
+
+def _within_student_mean(pairs: Sequence[ScoutedPair], predicted: np.ndarray, realised: np.ndarray) -> float:
+    within = []
+    for student in dict.fromkeys(p.stats.student for p in pairs):
+        held = np.array([p.stats.student == student for p in pairs])
+        if held.sum() >= 3:
+            value = spearman(predicted[held], realised[held])
+            if not math.isnan(value):
+                within.append(value)
+    return statistics.fmean(within) if within else float("nan")
+
+
+def leave_one_student_out(pairs: Sequence[ScoutedPair], feature_names: Sequence[str] = FEATURES, *, ridge: float = DEFAULT_RIDGE, resamples: int = 2000, seed: int = 0) -> dict:
+    """Predict each student's pairs from a fit without it; Spearman over all pairs, with interval, two ways.
+
+    ``lomo`` (the headline) is leave-one-model-out: the fit sees no pair involving the held-out model,
+    as student or as teacher (None, with ``lomo_note`` saying why, when too few pairs remain).
+    ``loso`` is leave-one-student-out, where the held-out student still teaches in training pairs
+    (:func:`held_out_predictions`): an optimistic score, kept beside it. Also, for reference, the
+    Spearman of single statistics (no fitting: a rank correlation does not care about scale), and the
+    mean Spearman within each student (ranking one student's teachers, what ``scout`` is used for).
+    ``predicted`` and ``predicted_lomo`` are the per-pair predictions of the two splits.
     """
     pairs = [p for p in pairs if p.delta is not None]
     students = list(dict.fromkeys(p.stats.student for p in pairs))
     if len(students) < 3:
         raise DataError(f"leave-one-student-out needs pairs of at least 3 students; got {len(students)}")
     realised = np.array([p.delta for p in pairs])
-    predicted = np.empty(len(pairs))
-    for student in students:
-        held = np.array([p.stats.student == student for p in pairs])
-        train = [p for p, h in zip(pairs, held) if not h]
-        model = fit_predictor([p.stats.features(feature_names) for p in train], [p.delta for p in train], feature_names, ridge=ridge)
-        predicted[held] = model.predict([p.stats.features(feature_names) for p, h in zip(pairs, held) if h])[0]
-    within = []
-    for student in students:
-        held = np.array([p.stats.student == student for p in pairs])
-        if held.sum() >= 3:
-            value = spearman(predicted[held], realised[held])
-            if not math.isnan(value):
-                within.append(value)
+    predicted, note = held_out_predictions(pairs, "student", feature_names, ridge=ridge)
+    if predicted is None:
+        raise DataError(f"leave-one-student-out: {note}; fit on a study with more pairs")
+    lomo_predicted, lomo_note = held_out_predictions(pairs, "model", feature_names, ridge=ridge)
     baselines = {
         name: spearman_with_interval([p.stats.features([name])[0] for p in pairs], realised, resamples=resamples, seed=seed)
         for name in FEATURES
@@ -369,11 +403,15 @@ def leave_one_student_out(pairs: Sequence[ScoutedPair], feature_names: Sequence[
     return {
         "pairs": len(pairs),
         "students": len(students),
+        "lomo": spearman_with_interval(lomo_predicted, realised, resamples=resamples, seed=seed) if lomo_predicted is not None else None,
+        "lomo_note": lomo_note,
+        "within_student_mean_lomo": _within_student_mean(pairs, lomo_predicted, realised) if lomo_predicted is not None else float("nan"),
         "loso": spearman_with_interval(predicted, realised, resamples=resamples, seed=seed),
-        "within_student_mean": statistics.fmean(within) if within else float("nan"),
+        "within_student_mean": _within_student_mean(pairs, predicted, realised),
         "baselines": baselines,
         "noise": noise_summary(pairs),
         "predicted": predicted.tolist(),
+        "predicted_lomo": lomo_predicted.tolist() if lomo_predicted is not None else None,
     }
 
 
@@ -522,6 +560,9 @@ def check_score_on(folder: str | Path, score_on: str | Path) -> None:
         )
 
 
+PER_PAIR_KEYS = ("predicted", "predicted_lomo", "test_deltas")  # kept in scout.json's rows, not in the summaries
+
+
 @dataclass
 class StudyFit:
     """A predictor fitted on a study, how well it ranked unseen students, and the per-pair rows."""
@@ -531,13 +572,14 @@ class StudyFit:
     evaluation: dict
 
     def rows(self) -> list[dict]:
-        """Per pair: statistics, the leave-one-student-out prediction, the full fit's prediction and interval, the realised Δ."""
+        """Per pair: statistics, the leave-one-model-out and leave-one-student-out predictions, the full fit's prediction and interval, the realised Δ."""
         out = []
-        for pair, loso in zip(self.pairs, self.evaluation["predicted"]):
+        lomo = self.evaluation.get("predicted_lomo") or [None] * len(self.pairs)
+        for pair, loso, held_out in zip(self.pairs, self.evaluation["predicted"], lomo):
             predicted, low, high = self.predictor.predict_pair(pair.stats)
             test = self.evaluation.get("test_deltas", {}).get(f"{pair.stats.student}|{pair.stats.teacher}")
             out.append({
-                **asdict(pair.stats), "predicted_loso": loso, "predicted": predicted, "low": low, "high": high,
+                **asdict(pair.stats), "predicted_lomo": held_out, "predicted_loso": loso, "predicted": predicted, "low": low, "high": high,
                 "delta": pair.delta, "noise": pair.noise, "p_value": pair.p_value, "runs": pair.runs, "test_delta": test,
             })
         return out
@@ -545,7 +587,7 @@ class StudyFit:
     def save_rows(self, folder: str | Path) -> Path:
         """``scout.json`` in a study folder: what ``ktransfer report`` shows as predicted against realised Δ."""
         path = Path(folder) / STUDY_SCOUT_FILE
-        summary = {k: v for k, v in self.evaluation.items() if k not in ("predicted", "test_deltas")}
+        summary = {k: v for k, v in self.evaluation.items() if k not in PER_PAIR_KEYS}
         payload = {"method": self.predictor.method, "setting": self.predictor.setting, "coverage": self.predictor.coverage, "evaluation": summary, "pairs": self.rows()}
         path.write_text(json.dumps(_clean(payload), indent=1) + "\n", encoding="utf-8")
         return path
@@ -561,11 +603,11 @@ def check_features(names: Sequence[str]) -> list[str]:
 
 
 def fit_study(folder: str | Path, method: str = "kl_dp", *, score_on: str | Path | None = None, ridge: float = DEFAULT_RIDGE, coverage: float = DEFAULT_COVERAGE, resamples: int = 2000, cache: PredictionCache | None = None, device: str = "cpu", log: Callable[[str], None] | None = None, features: Sequence[str] = FEATURES) -> StudyFit:
-    """Fit the scouting predictor on a study's pairs and check it leave-one-student-out.
+    """Fit the scouting predictor on a study's pairs and check it leave-one-model-out (and leave-one-student-out).
 
     ``score_on`` names a second study of the same pairs and method whose Δs were measured on other
-    data (the test set): the leave-one-student-out predictions are also scored against those. No
-    choice is made on it. ``features``: the statistics the predictor uses (``AVAILABLE_FEATURES``;
+    data (the test set): both splits' held-out predictions are also scored against those
+    (``test_lomo`` and ``test``). No choice is made on it. ``features``: the statistics the predictor uses (``AVAILABLE_FEATURES``;
     default the four of the shipped predictor); the file stores them, and predictions use its list.
     """
     features = check_features(features)
@@ -580,9 +622,11 @@ def fit_study(folder: str | Path, method: str = "kl_dp", *, score_on: str | Path
     if score_on is not None:
         test = {key: r["delta"] for key, r in study_records(score_on, method).items()}
         evaluation["test"] = {**score_predictions(pairs, evaluation["predicted"], test, resamples=resamples), "study": str(Path(score_on).name)}
+        if evaluation["predicted_lomo"] is not None:
+            evaluation["test_lomo"] = {**score_predictions(pairs, evaluation["predicted_lomo"], test, resamples=resamples), "study": str(Path(score_on).name)}
         evaluation["test_deltas"] = {f"{s}|{t}": d for (s, t), d in test.items()}
     predictor = fit_predictor([p.stats.features(features) for p in pairs], [p.delta for p in pairs], features, ridge=ridge, coverage=coverage, method=method, setting=setting)
-    predictor.evaluation = {k: v for k, v in evaluation.items() if k not in ("predicted", "test_deltas")}
+    predictor.evaluation = {k: v for k, v in evaluation.items() if k not in PER_PAIR_KEYS}
     return StudyFit(predictor, pairs, evaluation)
 
 
@@ -682,5 +726,5 @@ def scout(student: Model | str, teachers: Sequence[Model | str], data: ImageData
 
 __all__ = [
     "AVAILABLE_FEATURES", "FEATURES", "PairStatistics", "ScoutPredictor", "ScoutResult", "ScoutedPair", "ScoutedTeacher", "StudyFit", "fit_predictor", "fit_study",
-    "flip_spread", "leave_one_student_out", "pair_statistics", "routed_share", "scout", "spearman", "spearman_with_interval", "verdict",
+    "flip_spread", "held_out_predictions", "leave_one_student_out", "pair_statistics", "routed_share", "scout", "spearman", "spearman_with_interval", "verdict",
 ]

@@ -16,10 +16,10 @@ SCOUT_DATA_DEFAULT = "fashion-mnist:validation"
 @click.option("--data", "data_spec", default=SCOUT_DATA_DEFAULT, show_default=True, metavar="SPEC", help="Held-out labelled data the models run over once: fashion-mnist[:validation|transfer|test|pool] or folder:PATH of class subfolders. Not the data you will judge the transfer on.")
 @click.option("--size", type=click.IntRange(min=1), default=None, metavar="N", help="Scout on a seeded stratified subset of N samples of the data (faster for large models).")
 @click.option("--predictor", type=click.Path(dir_okay=False, path_type=Path), default=None, help="A predictor written by --fit (default: the one shipped with ktransfer, fitted on the embedded zoo).")
-@click.option("--fit", "fit_folder", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="Instead of scouting: fit a predictor on this study's realised Δs and check it leave-one-student-out.")
+@click.option("--fit", "fit_folder", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="Instead of scouting: fit a predictor on this study's realised Δs and check it leave-one-model-out (and leave-one-student-out).")
 @click.option("--method", default="kl_dp", show_default=True, help="--fit: the study's method whose Δ the predictor learns.")
 @click.option("--features", default=None, metavar="A,B,...", help="--fit: the statistics the predictor uses (default: positive_flips,teacher_share,accuracy_gap,flip_spread, those of the shipped predictor; ensemble_delta may be added). The file stores them and predictions use its list.")
-@click.option("--score-on", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="--fit: also score the leave-one-student-out predictions against this study's Δs of the same pairs (e.g. the same study evaluated on the test set).")
+@click.option("--score-on", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="STUDY_FOLDER", help="--fit: also score the held-out predictions against this study's Δs of the same pairs (e.g. the same study evaluated on the test set).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="--fit: where to write the predictor JSON (default: STUDY_FOLDER/scout-predictor.json). With scouting: also write the ranking as JSON here.")
 @click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
 @data_dir_option
@@ -130,7 +130,7 @@ def _fit(folder: Path, method: str, score_on, out, device, features=None):
 
 
 def fit_summary(predictor) -> list[str]:
-    """What the fit found, as lines: the noise of the realised Δs, the leave-one-student-out ranking, its baselines."""
+    """What the fit found, as lines: the noise of the realised Δs, the held-out rankings (leave-one-model-out first), the baselines."""
     from ..scout import FEATURE_LABELS
 
     e = predictor.evaluation
@@ -143,13 +143,23 @@ def fit_summary(predictor) -> list[str]:
         f"{predictor.method} on {predictor.n_pairs} pairs of {e['students']} students ({predictor.setting.get('evaluated_on', '?')}): "
         f"mean Δ {noise['mean_delta']:+.2f}, spread (std over pairs) {noise['spread']:.2f}, noise of one Δ {noise['noise']:.2f} "
         f"(ratio {noise['spread_over_noise']:.1f}); {noise['significant']}/{noise['tested']} pairs at McNemar p < 0.05",
-        f"leave-one-student-out Spearman, predicted vs realised: {interval(loso)}",
+    ]
+    lomo = e.get("lomo")
+    if lomo is not None:
+        lines.append(f"leave-one-model-out Spearman (the held-out model in no training pair), predicted vs realised: {interval(lomo)}")
+        lines.append(f"  mean within-student Spearman: {e['within_student_mean_lomo']:+.2f}")
+    else:
+        lines.append(f"leave-one-model-out Spearman: not computed ({e.get('lomo_note') or 'not in this predictor; fit it again'})")
+    lines += [
+        f"leave-one-student-out Spearman (optimistic: the held-out student still teaches in training pairs): {interval(loso)}",
         f"  mean within-student Spearman: {e['within_student_mean']:+.2f}",
     ]
     for name, r in e["baselines"].items():
         lines.append(f"  {FEATURE_LABELS[name]} alone: {interval(r)}")
+    if "test_lomo" in e:
+        lines.append(f"leave-one-model-out against the Δs of {e['test_lomo']['study']}: {interval(e['test_lomo'])}")
     if "test" in e:
-        lines.append(f"against the Δs of {e['test']['study']}: {interval(e['test'])}")
+        lines.append(f"leave-one-student-out against the Δs of {e['test']['study']}: {interval(e['test'])}")
     if noise["spread_over_noise"] < 2:
         lines.append("the realised Δs spread little more than their noise: the correlations above mean little; fit on a setting with larger Δs")
     coefficients = ", ".join(f"{FEATURE_LABELS[n]} {c:+.3f}" for n, c in zip(predictor.features, predictor.coefficients))

@@ -192,21 +192,28 @@ def failed_table(data: ReportData) -> str:
     return table("Failed runs (recorded by the study; rerun with --retry-failed)", ["phase", "method", "teacher → student", "seed", "error"], rows, text_columns=5, table_id="failed-table")
 
 
+def _spearman_text(r: dict) -> str:
+    return f"{_fmt(r.get('spearman'), '+.2f')} [{_fmt(r.get('low'), '+.2f')}, {_fmt(r.get('high'), '+.2f')}] (95% bootstrap), permutation p {_fmt(r.get('p_value'), '.3g')}"
+
+
 def scout_table(data: ReportData) -> str:
     """Predicted against realised Δ per pair, from the scout.json that 'ktransfer scout --fit' leaves in a study folder."""
     scout = data.scout or {}
-    pairs = sorted(scout.get("pairs") or [], key=lambda r: -(r.get("predicted_loso") or 0))
+    evaluation = scout.get("evaluation") or {}
+    key = "predicted_lomo" if evaluation.get("lomo") else "predicted_loso"
+    pairs = sorted(scout.get("pairs") or [], key=lambda r: -(r.get(key) or 0))
     rows = [
-        [html.escape(f"{short(r.get('teacher'))} → {short(r.get('student'))}"), _signed(r.get("predicted_loso")), _signed(r.get("predicted")),
+        [html.escape(f"{short(r.get('teacher'))} → {short(r.get('student'))}"), _signed(r.get("predicted_lomo")), _signed(r.get("predicted_loso")), _signed(r.get("predicted")),
          f"[{_fmt(r.get('low'), '+.2f')}, {_fmt(r.get('high'), '+.2f')}]", _signed(r.get("delta")), _fmt(r.get("noise")), _signed(r.get("test_delta"))]
         for r in pairs
     ]
-    loso = (scout.get("evaluation") or {}).get("loso") or {}
+    lomo = evaluation.get("lomo")
+    lomo_text = f"leave-one-model-out Spearman {_spearman_text(lomo)}" if lomo else f"leave-one-model-out Spearman not computed ({html.escape(str(evaluation.get('lomo_note') or 'a fit older than this split'))})"
     caption = (
-        f"Scouting ({html.escape(str(scout.get('method', '?')))}): predicted against realised Δ per pair; leave-one-student-out Spearman "
-        f"{_fmt(loso.get('spearman'), '+.2f')} [{_fmt(loso.get('low'), '+.2f')}, {_fmt(loso.get('high'), '+.2f')}] (95% bootstrap), permutation p {_fmt(loso.get('p_value'), '.3g')}"
+        f"Scouting ({html.escape(str(scout.get('method', '?')))}): predicted against realised Δ per pair; {lomo_text}; "
+        f"leave-one-student-out Spearman {_spearman_text(evaluation.get('loso') or {})} (optimistic: the held-out student still teaches in training pairs)"
     )
-    return table(caption, ["teacher → student", "predicted (student held out)", "predicted (full fit)", "interval", "realised Δ", "noise of Δ", "scored Δ"], rows, table_id="scout-table")
+    return table(caption, ["teacher → student", "predicted (model held out)", "predicted (student held out)", "predicted (full fit)", "interval", "realised Δ", "noise of Δ", "scored Δ"], rows, table_id="scout-table")
 
 
 def render(data: ReportData, figures: dict[str, tuple[str, bytes]]) -> str:
