@@ -65,7 +65,7 @@ def db_rows(folder, phase="study"):
         ({"search": {"holdout": 1.5}}, r"search.holdout: must be less than 1(\.0)?; got 1.5"),
         ({"methods": ["kl", {"name": "kl_dp", "lr": -1}]}, r"methods\[1\].lr\[0\]: must be greater than 0"),
         ({"cpus_per_run": 0}, "cpus_per_run: must be greater than 0"),
-        ({"executor": "slurm"}, "executor: must be local or ray"),
+        ({"executor": "slurm"}, "executor: must be local, processes or ray"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "must be cached, online or views"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
