@@ -129,6 +129,17 @@ class Method:
         return dataclasses.asdict(self.params)
 
 
+PRECOMPUTE_CHUNK = 16384  # rows of the transfer set per step of a fixed_targets computation: bounds the [K+1, rows, C] memory
+
+
+def chunked_targets(targets, teacher_logits: torch.Tensor, original_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``targets(original, teachers, labels)`` over the whole transfer set, chunk by chunk, concatenated:
+    for :meth:`Method.fixed_targets` of methods whose per-batch targets are a pure function of the frozen models and labels."""
+    chunk = PRECOMPUTE_CHUNK
+    parts = [targets(o, t, y) for o, t, y in zip(original_logits.split(chunk), teacher_logits.split(chunk, dim=1), labels.split(chunk))]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     METHODS[cls.name] = cls
     return cls

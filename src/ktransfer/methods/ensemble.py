@@ -26,10 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Hyperparameters, LossOutput, Method, StepInputs, hparam, register_method
-
-_CHUNK = 16384  # rows of the transfer set per precomputation step: bounds the [K+1, rows, C] memory
-
+from .base import Hyperparameters, LossOutput, Method, StepInputs, chunked_targets, hparam, register_method
 
 def mixture_log_probs(candidate_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
     """log Σ_k weights[k, b] · σ(candidate_logits[k, b] / T), ``[B, C]``, computed in log space.
@@ -66,11 +63,6 @@ def confidence_weights(confidence: torch.Tensor, sharpness: float) -> torch.Tens
     return torch.softmax(sharpness * log_confidence, dim=0)
 
 
-def _precompute(targets, teacher_logits: torch.Tensor, original_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    parts = [targets(o, t, y) for o, t, y in zip(original_logits.split(_CHUNK), teacher_logits.split(_CHUNK, dim=1), labels.split(_CHUNK))]
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-
-
 @dataclass
 class EnsembleParams(Hyperparameters):
     teacher_weight: float = hparam(0.5, "w: the teachers' share of the target (split equally among several); 1 − w is the original student's (0: the self control, 1: plain kl)", 0.0, 1.0)
@@ -93,7 +85,7 @@ class KLEnsemble(Method):
         return {"target_log_probs": mixture_log_probs(candidates, weights, self.params.temperature)}
 
     def fixed_targets(self, teacher_logits, original_logits, labels):
-        return _precompute(self.targets, teacher_logits, original_logits, labels)
+        return chunked_targets(self.targets, teacher_logits, original_logits, labels)
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits)
@@ -122,7 +114,7 @@ class KLDistSoftDP(Method):
         return {"target_log_probs": mixture_log_probs(candidates, weights, self.params.temperature), "teacher_weight": 1.0 - weights[0]}
 
     def fixed_targets(self, teacher_logits, original_logits, labels):
-        return _precompute(self.targets, teacher_logits, original_logits, labels)
+        return chunked_targets(self.targets, teacher_logits, original_logits, labels)
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels)

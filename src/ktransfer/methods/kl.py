@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Hyperparameters, LossOutput, Method, StepInputs, hparam, register_method
+from .base import Hyperparameters, LossOutput, Method, StepInputs, chunked_targets, hparam, register_method
 
 ROUTINGS = ("confidence", "teacher_on_positive_flips", "student_on_negative_flips", "self")
 FLIP_ROUTINGS = ("teacher_on_positive_flips", "student_on_negative_flips")
@@ -163,10 +163,8 @@ class KLDistDP(Method):
     def fixed_targets(self, teacher_logits, original_logits, labels):
         if self.flips_from_current_student:  # the routing follows the student being trained: decided every step
             return None
-        # Frozen models and fixed labels: the routing never changes, so compute it once, in chunks
-        # to bound the memory of the [K+1, chunk, C] candidates.
-        parts = [self.targets(o, t, y) for o, t, y in zip(original_logits.split(16384), teacher_logits.split(16384, dim=1), labels.split(16384))]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        # Frozen models and fixed labels: the routing never changes, so compute it once, in chunks.
+        return chunked_targets(self.targets, teacher_logits, original_logits, labels)
 
     def loss(self, inputs: StepInputs) -> LossOutput:
         fixed = inputs.fixed or self.targets(inputs.original_logits, inputs.teacher_logits, inputs.labels, inputs.student_logits, inputs.routing_confidence)
