@@ -132,8 +132,8 @@ class ProcessExecutor:
     No extra is needed. Each worker is a fresh (spawned) Python process that loads the study's
     data and models once and serves run after run, with ``cpus_per_run`` threads; teacher logits
     come from the shared on-disk prediction cache. A worker that dies (killed, out of memory) takes
-    the pool with it: the runs it held are tried again in a new pool, each up to ``max_retries``
-    times, then recorded failed.
+    the pool with it: the runs in flight are then run again one at a time in a new pool, and a run
+    that kills its worker while alone is tried up to ``max_retries`` more times, then recorded failed.
     """
 
     name = "processes"
@@ -152,14 +152,18 @@ class ProcessExecutor:
         return self.workers
 
     def run(self, runs: list[RunSpec], on_start: Start, on_finish: Finish) -> None:
-        waiting, in_flight, attempts = list(runs), {}, {}
-        while waiting or in_flight:
-            while waiting and len(in_flight) < self.workers:
-                run = waiting.pop(0)
-                if run.key not in attempts:
+        # A dead worker breaks the whole pool, and every run in flight then fails alike, so the culprit
+        # is unknown: those runs become suspects and run again one at a time, and only a run that kills
+        # its pool while alone in it is charged with a try.
+        waiting, suspects, in_flight, tries, started = list(runs), [], {}, {}, set()
+        while waiting or suspects or in_flight:
+            while (suspects and not in_flight) or (not suspects and waiting and len(in_flight) < self.workers):
+                run = suspects.pop(0) if suspects else waiting.pop(0)
+                if run.key not in started:
+                    started.add(run.key)
                     on_start(run)
-                attempts[run.key] = attempts.get(run.key, 0) + 1
                 in_flight[self.pool.submit(_run_in_worker, self.payload, run, self.device)] = run
+            alone = len(in_flight) == 1
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             broken = False
             for future in done:
@@ -168,17 +172,19 @@ class ProcessExecutor:
                     outcome = future.result()
                 except BrokenProcessPool:
                     broken = True
-                    if attempts[run.key] <= self.config.max_retries:
-                        waiting.insert(0, run)  # tried again first, in a new pool
-                        continue
-                    outcome = RunOutcome(error=f"its worker process died (tried {attempts[run.key]} times)")
+                    if alone:
+                        tries[run.key] = tries.get(run.key, 0) + 1
+                        if tries[run.key] > self.config.max_retries:
+                            on_finish(run, RunOutcome(error=f"its worker process died (tried {tries[run.key]} times)"))
+                            continue
+                    suspects.append(run)
+                    continue
                 except Exception as exc:  # noqa: BLE001 - e.g. a result that could not be sent back: recorded, the study goes on
                     outcome = RunOutcome(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
                 on_finish(run, outcome)
-            if broken:  # every run still in the dead pool fails the same way: gather them, then start afresh
-                for future in list(in_flight):
-                    run = in_flight.pop(future)
-                    waiting.insert(0, run)
+            if broken:  # the pool is dead: what is still in it is suspect too; start afresh
+                suspects.extend(in_flight.values())
+                in_flight.clear()
                 self.pool.shutdown(wait=True, cancel_futures=True)
                 self.pool = self._new_pool()
 
