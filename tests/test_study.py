@@ -65,7 +65,7 @@ def db_rows(folder, phase="study"):
         ({"search": {"holdout": 1.5}}, r"search.holdout: must be less than 1(\.0)?; got 1.5"),
         ({"methods": ["kl", {"name": "kl_dp", "lr": -1}]}, r"methods\[1\].lr\[0\]: must be greater than 0"),
         ({"cpus_per_run": 0}, "cpus_per_run: must be greater than 0"),
-        ({"executor": "slurm"}, "executor: must be local or ray"),
+        ({"executor": "slurm"}, "executor: must be local, processes or ray"),
         ({"data": "imagenet-on-the-moon"}, "unknown data source"),
         ({"targets": "later"}, "must be cached, online or views"),
         ({"controls": ["ce", "teacherless"]}, "controls: unknown control"),
@@ -386,3 +386,17 @@ def test_prediction_cache_writers_never_share_a_temporary_file(tmp_path, monkeyp
     assert torch.equal(logits, again)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.key(model, tiny_data[1])}.safetensors"]  # no temporary file left
 
+
+def test_the_guard_never_selects_on_the_evaluation_data(small_fashion_mnist):
+    def load(**data):
+        config = StudyConfig.from_dict({"students": ["zoo:cnn", "zoo:mlp"], "methods": ["kl"], "guard": True, "data": {"dir": str(small_fashion_mnist), **data}})
+        return config.data.load(guard=config.guard)
+
+    with pytest.raises(ConfigError, match="the guard selects on fashion-mnist/validation, which is also the evaluation data"):
+        load(source="fashion-mnist:validation")
+    with pytest.raises(ConfigError, match="the transfer data fashion-mnist/validation is the evaluation data"):
+        load(source="fashion-mnist:validation", setting="new-data")
+    paper = load()
+    assert paper.validation.name == "fashion-mnist/validation" and paper.eval.name == "fashion-mnist/test"
+    new_data = load(setting="new-data")  # the students train on the validation split: the guard holds out a share instead
+    assert new_data.transfer.name == "fashion-mnist/validation" and new_data.validation is None
