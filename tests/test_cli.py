@@ -95,7 +95,7 @@ def test_demo_bad_input(small_fashion_mnist, tmp_path):
 
 def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--profile", "quick", "--students", "cnn,vit", "--teachers", "cnn,vit,mlp", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist]
+    args = ["demo", "--executor", "local", "--profile", "quick", "--students", "cnn,vit", "--teachers", "cnn,vit,mlp", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist]
     result = run(*args)
     assert result.exit_code == 0, result.output
     records = read_records(out / "results.jsonl")
@@ -140,7 +140,7 @@ def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo,
 
 def test_demo_new_data_setting_transfers_on_the_unseen_images(small_fashion_mnist, tiny_zoo, tmp_path):
     out = tmp_path / "new"
-    result = run("demo", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist)
+    result = run("demo", "--executor", "local", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--out", out, "--data-dir", small_fashion_mnist)
     assert result.exit_code == 0, result.output
     (record,) = read_records(out / "results.jsonl")
     assert record["setting"] == "new-data" and record["transfer_data"] == "fashion-mnist/validation" and record["n_transfer"] == 200

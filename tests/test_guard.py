@@ -208,7 +208,7 @@ def test_demo_guard_scores_on_the_validation_split_and_reuses_only_guarded_runs(
     from ktransfer.results import read_records
 
     out = tmp_path / "demo"
-    args = ["demo", "--students", "cnn", "--teachers", "mlp", "--methods", "kl_dp", "--epochs", "2", "--out", out, "--data-dir", small_fashion_mnist]
+    args = ["demo", "--executor", "local", "--students", "cnn", "--teachers", "mlp", "--methods", "kl_dp", "--epochs", "2", "--out", out, "--data-dir", small_fashion_mnist]
     plain = cli(*args)
     assert plain.exit_code == 0, plain.output
     guarded = cli(*args, "--guard")
@@ -227,7 +227,7 @@ def test_demo_guard_in_the_new_data_setting_holds_out_a_share(small_fashion_mnis
     from ktransfer.results import read_records
 
     out = tmp_path / "new"
-    result = cli("demo", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--guard", "--out", out, "--data-dir", small_fashion_mnist)
+    result = cli("demo", "--executor", "local", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--guard", "--out", out, "--data-dir", small_fashion_mnist)
     assert result.exit_code == 0, result.output
     (record,) = read_records(out / "results.jsonl")
     assert record["guard_source"] == "holdout" and record["guard_size"] == 20 and record["n_transfer"] == 180

@@ -1,10 +1,12 @@
 """Summaries of results: the paper's per-student success rate, controls kept apart, comparisons with controls."""
 
+import statistics
+
 import pytest
 import torch
 
 from ktransfer.controls import attach_controls, as_control_record, control_method
-from ktransfer.results import pair_means, summarize, summarize_controls, success_by_student
+from ktransfer.results import pair_means, pool_seeds, summarize, summarize_controls, success_by_student
 
 
 def transfer_record(student, teacher, delta, p_value=0.5, seed=0, **extra):
@@ -128,3 +130,49 @@ def test_the_exact_pair_mean_recovers_counts_from_delta_and_n_eval_when_counts_a
     for r in records:
         del r["gain_count"], r["loss_count"]
     assert pair_means(records) == {("kl", "s", "t"): 0.0}
+
+
+def seeded_record(seed: int, delta: float, gain: int, loss: int, teacher: str = "zoo:t") -> dict:
+    return {
+        "student": "zoo:s", "teacher": teacher, "method": "kl_dp", "seed": seed, "lr": 0.01, "hparams": {}, "delta": delta, "gain_count": gain, "loss_count": loss,
+        "p_value": None, "acc_before": 80.0, "acc_after": 80.0 + delta, "teacher_acc": 85.0, "knowledge_gain": gain / 2, "knowledge_loss": loss / 2,
+        "delta_vs_self": delta - 0.5, "gain_count_vs_self": gain, "loss_count_vs_self": 1, "p_value_vs_self": None,
+    }
+
+
+def test_seeds_pool_per_pair_mean_std_and_mcnemar_on_the_summed_counts():
+    from ktransfer.metrics import mcnemar_p_value
+
+    records = [seeded_record(0, 2.5, 5, 0), seeded_record(1, 2.5, 5, 0), seeded_record(2, 1.0, 3, 1)]
+    for r in records:  # each seed's own test
+        r["p_value"] = mcnemar_p_value(r["gain_count"], r["loss_count"])
+    assert [r["p_value"] for r in records] == [pytest.approx(2 / 32), pytest.approx(2 / 32), pytest.approx(10 / 16)]  # none below 0.05
+    (pooled,) = pool_seeds(records)
+    assert pooled["seeds"] == 3 and pooled["seed"] is None
+    assert pooled["delta"] == pytest.approx(2.0) and pooled["delta_std"] == pytest.approx(statistics.stdev([2.5, 2.5, 1.0]))
+    # 13 gains and 1 loss over the (seed, image) pairs: p = 2 · (1 + 14) / 2^14
+    assert (pooled["gain_count"], pooled["loss_count"]) == (13, 1) and pooled["p_value"] == pytest.approx(30 / 2**14)
+    assert (pooled["gain_count_vs_self"], pooled["loss_count_vs_self"]) == (13, 3) and pooled["p_value_vs_self"] == pytest.approx(mcnemar_p_value(13, 3))
+    summary = summarize(records)["kl_dp"]
+    # one pair, significant once its seeds are pooled, though no seed alone is
+    assert summary["pairs"] == 1 and summary["runs"] == 3 and summary["significant_positive"] == 1 and summary["success_rate_significant"] == 100.0
+    assert summary["expected_by_chance"] == pytest.approx(0.05) and summary["beats_self_significantly"] == 1
+    # a pair with one seed is its record; a pair without counts (an older file) has no pooled p-value
+    older = [{**seeded_record(0, 1.0, 0, 0, "zoo:u"), "p_value": 0.3}, {**seeded_record(1, 1.0, 0, 0, "zoo:u"), "p_value": 0.3}]
+    for r in older:
+        del r["gain_count"], r["loss_count"]
+    assert pool_seeds(records[:1])[0] == {**records[0], "seeds": 1}
+    assert pool_seeds(older)[0]["p_value"] is None
+
+
+def test_the_pooled_transfers_table_shows_mean_and_spread():
+    from rich.console import Console
+
+    from ktransfer import tables
+
+    records = [seeded_record(0, 2.5, 5, 0), seeded_record(1, 1.5, 3, 0)]
+    console = Console(width=400, record=True)
+    console.print(tables.pairs_table(records, 200, pool=True))
+    text = console.export_text()
+    assert "+2.00* ± 0.71" in text  # 8 gains, 0 losses pooled: p = 2/256, starred and "p pooled over seeds" in text and "seeds" in text
+    assert text.count("kl_dp") == 1  # one row for the pair

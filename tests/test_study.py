@@ -265,7 +265,11 @@ def test_a_search_whose_held_out_data_overlaps_the_evaluation_set_is_refused(tmp
 
     root = tmp_path / "imgs"
     write_image_folder(root / "train", per_class=5)
-    (root / "val").symlink_to(root / "train", target_is_directory=True)  # the "evaluation" folder is the training folder
+    write_image_folder(tmp_path / "extra", per_class=1, seed=1)
+    for train_class in (root / "train").iterdir():  # the "evaluation" folder: every training image (linked) and one more per class
+        (root / "val" / train_class.name).mkdir(parents=True)
+        for image in [*train_class.iterdir(), *(tmp_path / "extra" / train_class.name).iterdir()]:
+            (root / "val" / train_class.name / f"{image.parent.parent.name}_{image.name}").symlink_to(image)
     searched = {"methods": [{"name": "kl_dp", "lr": [0.001, 0.01]}], "search": {"pairs": 1, "holdout": 0.2}}
     study = make_study(tmp_path / "a", None, data={"source": f"folder:{root}"}, **searched)
     with pytest.raises(DataError, match=r"search would choose on evaluation samples") as refused:
@@ -419,3 +423,17 @@ def test_prediction_cache_writers_never_share_a_temporary_file(tmp_path, monkeyp
     assert torch.equal(logits, again)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.key(model, tiny_data[1])}.safetensors"]  # no temporary file left
 
+
+def test_the_guard_never_selects_on_the_evaluation_data(small_fashion_mnist):
+    def load(**data):
+        config = StudyConfig.from_dict({"students": ["zoo:cnn", "zoo:mlp"], "methods": ["kl"], "guard": True, "data": {"dir": str(small_fashion_mnist), **data}})
+        return config.data.load(guard=config.guard)
+
+    with pytest.raises(ConfigError, match="the guard selects on fashion-mnist/validation, which is also the evaluation data"):
+        load(source="fashion-mnist:validation")
+    with pytest.raises(ConfigError, match="the transfer data fashion-mnist/validation is the evaluation data"):
+        load(source="fashion-mnist:validation", setting="new-data")
+    paper = load()
+    assert paper.validation.name == "fashion-mnist/validation" and paper.eval.name == "fashion-mnist/test"
+    new_data = load(setting="new-data")  # the students train on the validation split: the guard holds out a share instead
+    assert new_data.transfer.name == "fashion-mnist/validation" and new_data.validation is None

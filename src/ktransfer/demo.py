@@ -1,14 +1,17 @@
 """The embedded demo: train (or reload) the zoo, measure complementary knowledge, transfer every pair.
 
-Every student also runs the two controls (``ce``: fine-tuning on the labels; ``self``: KL+DP toward
-the original alone) with the same data, budget and seed, and every Δ carries its McNemar p-value,
-so a reader can tell what the teacher added. Computation lives in :func:`run_demo`; the console
-only shows what it does.
+The demo is a study (:mod:`ktransfer.study`): its options become a :class:`~ktransfer.study.StudyConfig`
+(a preset per profile), run by the study runner into the demo's folder, so it shares the study's
+store, resume (a rerun reuses the runs whose :class:`~ktransfer.study.RunSpec` key it finds done)
+and executors (by default one worker process per usable CPU, one thread each). Every student also
+runs the two controls (``ce``: fine-tuning on the labels; ``self``: KL+DP toward the original alone)
+with the same data, budget and seed, and every Δ carries its McNemar p-value, so a reader can tell
+what the teacher added. With several seeds the tables pool them per pair (mean ± std; the McNemar
+test on the counts summed over seeds: :func:`ktransfer.results.pool_seeds`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,18 +20,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .api import transfer
-from .controls import CONTROLS, attach_controls, control_method, load_predictions, run_control, save_predictions
+from .controls import CONTROLS
 from .engine import check_device
 from .data import fashion_mnist
-from .analysis import analyze_predictions
 from .errors import ConfigError, KTransferError
 from .methods import create_method, transfer_method_names
-from .metrics import accuracy, flip_matrices
 from .models.base import Model
 from .models.store import DEFAULT_ZOO, load_zoo_model
-from .predictions import PredictionCache
-from .results import append_record, is_control, read_records, summarize, summarize_controls, write_records
+from .results import summarize, summarize_controls
+from .study import Study, StudyConfig, load_records
+from .study.config import EXECUTORS
 from . import tables
 
 PROFILES = {
@@ -37,10 +38,17 @@ PROFILES = {
     # The quick profile: three students of three families, two epochs.
     "quick": {"students": ["cnn", "vit", "mixer"], "teachers": list(DEFAULT_ZOO), "epochs": 2},
 }
+# The demo's defaults, in one place (set from measurements: docs/demo.md).
 DEFAULT_METHODS = ["kl", "kl_dp"]
+DEFAULT_SEEDS = [0]
 # SGD learning rate of every demo transfer and control, chosen on the validation split (the 10k training
 # images the zoo never saw) over a few held-out pairs, never on the test set: see docs/demo.md.
 DEMO_LR = 3e-3
+DEFAULT_BATCH_SIZE = 128
+# Where the runs execute: worker processes of this machine, as many as it has usable CPUs, one thread each.
+DEFAULT_EXECUTOR = "processes"
+DEMO_CPUS_PER_RUN = 1
+STUDY_NAME = "demo"
 
 
 @dataclass
@@ -50,16 +58,17 @@ class DemoOptions:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     epochs: int | None = None
     lr: float = DEMO_LR
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     setting: str = "paper"  # paper: transfer on data the zoo trained on; new-data: on the 10k images it never saw
     controls: bool = True
     augment: str = "none"
     students: list[str] | None = None
     teachers: list[str] | None = None
     data_dir: str | None = None
-    batch_size: int = 128
+    batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "cpu"
     guard: bool = False  # transfers and controls return their best epoch on validation data (docs/guard.md)
+    executor: str = DEFAULT_EXECUTOR  # local, processes or ray (the study's executors, docs/scale.md)
 
     def resolve(self) -> "DemoOptions":
         if self.profile not in PROFILES:
@@ -82,17 +91,21 @@ class DemoOptions:
         if not self.seeds:
             raise ConfigError("give at least one seed")
         self.seeds = list(dict.fromkeys(self.seeds))
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"unknown executor {self.executor!r}; choose one of: {', '.join(EXECUTORS)}")
         check_device(self.device)
         return self
 
-
-def _run_key(record: dict) -> str:
-    """What makes two demo runs the same run: reused from results.jsonl instead of being run again."""
-    fields = [record[k] for k in ("student", "teacher", "method", "epochs", "lr", "seed", "transfer_data")]
-    fields += [record.get("augment", "none"), bool(record.get("control")), json.dumps(record["hparams"], sort_keys=True)]
-    if record.get("guard_source"):  # only then, so that unguarded runs keep their keys
-        fields.append(record["guard_source"])
-    return hashlib.blake2b(json.dumps(fields, default=str).encode(), digest_size=8).hexdigest()
+    def study_config(self) -> StudyConfig:
+        """The study these options describe: the profile's preset with every option applied."""
+        self.resolve()
+        data = {"source": "fashion-mnist", "setting": self.setting, **({"dir": str(self.data_dir)} if self.data_dir is not None else {})}
+        return StudyConfig.from_dict({
+            "name": STUDY_NAME, "students": [f"zoo:{n}" for n in self.students], "teachers": [f"zoo:{n}" for n in self.teachers],
+            "methods": list(self.methods), "seeds": list(self.seeds), "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+            "data": data, "augment": self.augment, "device": self.device, "guard": self.guard, "controls": list(CONTROLS) if self.controls else [],
+            "executor": self.executor, "cpus_per_run": DEMO_CPUS_PER_RUN,
+        }, source="demo options")
 
 
 def load_zoo(names: list[str], data_dir, console: Console) -> dict[str, Model]:
@@ -108,102 +121,64 @@ def load_zoo(names: list[str], data_dir, console: Console) -> dict[str, Model]:
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
     console = console or Console()
-    options.resolve()
+    config = options.study_config()
     started = time.perf_counter()
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = fashion_mnist.load(options.data_dir)
-    console.print(f"[bold]Fashion-MNIST[/]: pretraining pool {len(splits.pool):,}, transfer set {len(splits.transfer):,}, evaluation set {len(splits.eval):,} images")
-
-    names = list(dict.fromkeys([*options.students, *options.teachers]))
-    models = load_zoo(names, options.data_dir, console)
+    transfer_set = splits.transfer_set(options.setting)
+    console.print(
+        f"[bold]Fashion-MNIST[/]: pretraining pool {len(splits.pool):,}, transfer set {len(transfer_set):,} ({options.setting} setting), "
+        f"evaluation set {len(splits.eval):,} images"
+    )
+    # The zoo is trained here, once, before any run: the study's runner and its worker processes reload it from the cache.
+    load_zoo(list(dict.fromkeys([*options.students, *options.teachers])), options.data_dir, console)
     zoo_seconds = time.perf_counter() - started
 
-    cache = PredictionCache()
-    predictions = {name: cache.predictions(model, splits.eval) for name, model in models.items()}
-    zoo_rows = [
-        {"name": name, "family": models[name].family, "parameters": models[name].num_parameters, "accuracy": accuracy(splits.eval.labels, predictions[name])}
-        for name in names
-    ]
-    (out / "zoo.json").write_text(json.dumps(zoo_rows, indent=2))
-    console.print(tables.zoo_table(zoo_rows, len(splits.eval)))
-
-    matrix_names, positive, negative = flip_matrices(splits.eval.labels, predictions)
-    # The flip matrices plus per-class counts (the format of `ktransfer analyze --out`), for the report.
-    analyze_predictions(splits.eval.labels, predictions, splits.eval.class_names).save(out / "complementarity.json")
-    console.print(tables.flip_matrix_table(matrix_names, positive, len(splits.eval)))
-
-    transfer_set = splits.transfer_set(options.setting)
-    results_path, predictions_dir = out / "results.jsonl", out / "predictions"
-    previous = {}
-    if results_path.exists():
-        previous = {_run_key(r): r for r in read_records(results_path)}
-    pairs = [(s, t) for s in options.students for t in options.teachers if s != t]
-    # Controls first, so each transfer's comparison with them is known the moment it finishes.
-    runs = [(seed, s, None, c) for seed in options.seeds for s in options.students for c in (CONTROLS if options.controls else ())]
-    runs += [(seed, s, t, m) for seed in options.seeds for s, t in pairs for m in options.methods]
-    settings = {"epochs": options.epochs, "lr": options.lr, "batch_size": options.batch_size, "device": options.device, "augment": options.augment, "cache": cache}
-    if options.guard:  # the validation split, unless the transfer trains on it (new-data): then a held-out share
-        settings.update(guard=True, val_data=splits.validation if transfer_set is not splits.validation else None)
-    records, predictions = [], {}
-    reused = 0
+    zoo_rows: list[dict] = []
     transfer_started = time.perf_counter()
-    with _progress(console) as progress:
-        overall = progress.add_task("transfers", total=len(runs))
-        for seed, student, teacher, method in runs:
-            planned = _planned_record(student, teacher, method, options, seed, transfer_set.name)
-            if options.guard:
-                planned["guard_source"] = "holdout" if settings["val_data"] is None else "val_data"
-            key = _run_key(planned)
-            saved = load_predictions(predictions_dir, key) if key in previous else None
-            if saved is not None:
-                records.append(previous[key])
-                predictions[id(previous[key])] = saved
-                reused += 1
-                progress.advance(overall)
-                continue
-            progress.update(overall, description=f"{method}: {teacher or 'no teacher'} → {student}" + (f" (seed {seed})" if len(options.seeds) > 1 else ""))
-            if teacher is None:
-                result = run_control(method, models[student], transfer_set, splits.eval, seed=seed, **settings)
-            else:
-                result = transfer(models[student], models[teacher], transfer_set, splits.eval, method=create_method(method), seed=seed, **settings)
-            record = {**result.metrics, "setting": options.setting, "control": teacher is None}
-            predictions[id(record)] = result.predictions
-            records.append(record)
-            if teacher is not None:  # its controls ran first: compare it with them now, for the line below
-                attach_controls([*(r for r in records if is_control(r)), record], predictions, splits.eval.labels)
-            save_predictions(predictions_dir, _run_key(record), result.predictions)
-            append_record(results_path, record)
-            progress.console.print(_run_line(record))
-            progress.advance(overall)
+    with _progress(console, transient=True) as progress:
+        overall = progress.add_task("runs", total=None)
+
+        def log(line: str) -> None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        def on_analysis(analysis, rows: list[dict]) -> None:
+            zoo_rows.extend({**row, "name": _short(row["name"])} for row in rows)
+            (out / "zoo.json").write_text(json.dumps(zoo_rows, indent=2))  # the demo names models as the zoo does (cnn)
+            progress.console.print(tables.zoo_table(zoo_rows, analysis.n_eval))
+            progress.console.print(tables.flip_matrix_table([_short(m) for m in analysis.models], analysis.positive_flips, analysis.n_eval))
+
+        def on_run(run, record: dict | None, error: str | None, finished: int, total: int) -> None:
+            progress.update(overall, completed=finished, total=total, description=f"runs ({options.executor})")
+            if record is not None:
+                progress.console.print(f"[{finished}/{total}] " + _run_line(record), markup=False, highlight=False)
+
+        study = Study(config, out)
+        status = study.run(log=log, on_run=on_run, on_analysis=on_analysis)
     transfer_seconds = time.perf_counter() - transfer_started
-    if reused:
-        console.print(f"reused {reused} finished runs from {results_path}")
-    # Reused records get their comparisons again (their controls may be new), and the file holds exactly this run's records.
-    attach_controls(records, predictions, splits.eval.labels)
-    write_records(results_path, records)
+    records = load_records(out)  # the finished runs of this plan, each compared with its controls
 
     n_eval = len(splits.eval)
-    console.print(tables.pairs_table(records, n_eval))
+    pooled = len(options.seeds) > 1
+    console.print(tables.pairs_table(records, n_eval, pool=pooled))
     control_summary = summarize_controls(records)
     if control_summary:
         console.print(tables.controls_table(control_summary, n_eval))
     summary = summarize(records)
     console.print(tables.summary_table(summary, n_eval, with_controls=bool(control_summary)))
+    failed = status["phases"]["study"]["failed"]
+    if failed:
+        console.print(f"[yellow]{failed} run(s) failed[/]; see them with: ktransfer study {out} --status (rerun the demo with the same options to retry them after a fix)")
     timing = {"zoo_seconds": zoo_seconds, "transfer_seconds": transfer_seconds, "total_seconds": time.perf_counter() - started}
-    (out / "summary.json").write_text(json.dumps({"options": _jsonable(options), "methods": summary, "controls": control_summary, "timing": timing}, indent=2, default=str))
-    console.print(f"zoo {zoo_seconds:.0f}s, transfers {transfer_seconds:.0f}s, total {timing['total_seconds']:.0f}s. Results: [bold]{results_path}[/]")
+    (out / "summary.json").write_text(json.dumps({"options": _jsonable(options), "study": config.to_dict(), "methods": summary, "controls": control_summary, "timing": timing}, indent=2, default=str))
+    console.print(f"zoo {zoo_seconds:.0f}s, runs {transfer_seconds:.0f}s, total {timing['total_seconds']:.0f}s. Results: [bold]{out / 'results.jsonl'}[/]")
     write_report(out, console)
-    return {"records": records, "summary": summary, "controls": control_summary, "zoo": zoo_rows, "timing": timing, "out": out}
+    return {"records": records, "summary": summary, "controls": control_summary, "zoo": zoo_rows, "timing": timing, "out": out, "status": status}
 
 
-def _planned_record(student: str, teacher: str | None, method: str, options: DemoOptions, seed: int, transfer_data: str) -> dict:
-    """The fields of a run's future record that identify it (see :func:`_run_key`)."""
-    hparams = (control_method(method) if teacher is None else create_method(method)).describe()
-    return {
-        "student": f"zoo:{student}", "teacher": f"zoo:{teacher}" if teacher else None, "method": method, "epochs": options.epochs,
-        "lr": options.lr, "seed": seed, "transfer_data": transfer_data, "augment": options.augment, "control": teacher is None, "hparams": hparams,
-    }
+def _short(spec) -> str:
+    return str(spec).removeprefix("zoo:")
 
 
 def _run_line(record: dict) -> str:
@@ -242,8 +217,8 @@ def _jsonable(options: DemoOptions) -> dict:
     return data
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, transient: bool = True) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        console=console, transient=transient,
     )

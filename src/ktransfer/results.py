@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import DataError
-from .metrics import significance_summary, success_rate
+from .metrics import mcnemar_p_value, significance_summary, success_rate
 from .paths import atomic_write_bytes
 
 ALPHA = 0.05  # the significance level of every table
@@ -114,23 +114,82 @@ def _exact_mean(values: list) -> float:
     return statistics.fmean(float(v) for v in values)
 
 
+# Each p-value of a record, with the discordant counts of its paired test: pooled over seeds by summing them.
+PAIRED_TESTS = (
+    ("p_value", "gain_count", "loss_count"),
+    ("p_value_vs_control", "gain_count_vs_control", "loss_count_vs_control"),
+    ("p_value_vs_self", "gain_count_vs_self", "loss_count_vs_self"),
+)
+# Averaged over seeds (and spread given as ``KEY_std``) where several seeds ran.
+_MEANS = (
+    "acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "teacher_share", "ensemble_acc",
+    "ensemble_delta", "oracle_acc", "control_delta", "self_delta", "delta_vs_control", "delta_vs_self", "seconds",
+)
+_SPREADS = ("delta", "delta_vs_control", "delta_vs_self")
+
+
+def _group_key(record: dict) -> tuple:
+    """What the seeds of one pair share: the method at one setting, the student and the teacher."""
+    return (is_control(record), record["method"], record["student"], record.get("teacher"), record.get("lr"), json.dumps(record.get("hparams"), sort_keys=True, default=str))
+
+
+def pool_seeds(records: Iterable[dict]) -> list[dict]:
+    """One row per pair and method (per student for a control), its seeds pooled; rows in the order pairs first appear.
+
+    A pair with one seed is its record unchanged. With several: the accuracies and Δs are means (Δ exactly, from the integer counts: :func:`exact_delta`)
+    over seeds (``delta_std``, ``delta_vs_control_std``, ``delta_vs_self_std`` their sample
+    standard deviations), the discordant counts are sums, and each p-value is the exact McNemar
+    test on the summed gain and loss counts. That test treats every (seed, sample) pair as a
+    discordant unit of its own, as if the seeds had drawn new evaluation images; they did not
+    (the same images are scored in every seed), so it is an approximation that grows
+    optimistic where seeds agree closely. Where a record lacks the counts (older files) the
+    pooled p-value is None. ``capture`` is recomputed from the mean Δ; ``seeds`` counts the
+    records pooled and ``seed`` is None.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[_group_key(r)].append(r)
+    pooled = []
+    for rows in groups.values():
+        if len(rows) == 1:
+            pooled.append({**rows[0], "seeds": 1})
+            continue
+        row = {**rows[0], "seed": None, "seeds": len(rows)}
+        for key in _MEANS:
+            values = [r.get(key) for r in rows]
+            row[key] = statistics.fmean(values) if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else None
+        if row.get("delta") is not None:  # exactly, from the integer counts: Δs whose counts sum to 0 average to 0.0, not ±1e-17
+            row["delta"] = _exact_mean([exact_delta(r) for r in rows])
+        for key in _SPREADS:
+            values = [r.get(key) for r in rows]
+            row[f"{key}_std"] = statistics.stdev(values) if all(isinstance(v, (int, float)) for v in values) else None
+        for p_key, gain_key, loss_key in PAIRED_TESTS:
+            gains, losses = [r.get(gain_key) for r in rows], [r.get(loss_key) for r in rows]
+            if all(isinstance(c, int) for c in gains + losses):
+                row[gain_key], row[loss_key] = sum(gains), sum(losses)
+                row[p_key] = mcnemar_p_value(row[gain_key], row[loss_key])
+            elif any(r.get(p_key) is not None for r in rows):
+                row[p_key] = None
+                row.pop(gain_key, None), row.pop(loss_key, None)
+        if row.get("ensemble_delta") is not None and row.get("delta") is not None:
+            row["capture"] = row["delta"] / row["ensemble_delta"] if row["ensemble_delta"] > 0 else None
+        for key in ("history", "guard_epoch", "last_epoch", "run_key"):  # one seed's, not the pair's
+            row.pop(key, None)
+        pooled.append(row)
+    return pooled
+
+
 def success_by_student(records: Iterable[dict], significant: bool = False, alpha: float = ALPHA) -> dict[str, dict[str, float]]:
     """Per method, per student: the share (percent) of its teachers with Δ > 0 (the paper's success rate, SPEC §2).
 
-    With ``significant``, a pair counts only where its Δ is also significant (McNemar p < ``alpha``;
-    with several seeds, in every seed). Pairs are averaged over seeds first.
+    Pairs are averaged over seeds first. With ``significant``, a pair counts only where its Δ is
+    also significant: McNemar p < ``alpha``, with several seeds the test pooled over them (:func:`pool_seeds`).
     """
-    records = [r for r in records if not is_control(r)]
-    deltas = pair_means(records)
-    if significant:
-        every_seed: dict[tuple[str, str, str], bool] = {}
-        for r in records:
-            pair = (r["method"], r["student"], r["teacher"])
-            every_seed[pair] = every_seed.get(pair, True) and _significant(r, "p_value", alpha) and r["delta"] > 0
-        deltas = {pair: (1.0 if every_seed.get(pair) else 0.0) for pair in deltas}
+    pairs = pool_seeds(r for r in records if not is_control(r))
     by_student: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (method, student, _teacher), delta in deltas.items():
-        by_student[method][student].append(delta)
+    for row in pairs:
+        value = (1.0 if row["delta"] > 0 and _significant(row, "p_value", alpha) else 0.0) if significant else row["delta"]
+        by_student[row["method"]][row["student"]].append(value)
     return {method: {student: success_rate(values) for student, values in students.items()} for method, students in by_student.items()}
 
 
@@ -165,21 +224,26 @@ def summarize(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
     over students; ``success_rate_significant`` counts only Δ > 0 with McNemar p < ``alpha``. With
     many pairs some p-values are small by chance: ``expected_by_chance`` is that count
     (``alpha`` × pairs), ``fdr_discoveries`` the Benjamini–Hochberg discoveries at FDR ``alpha``.
+    Every count is of pairs: with several seeds a pair's Δ is its mean over seeds and its p-value
+    the McNemar test pooled over them (:func:`pool_seeds`); ``runs`` counts the records.
     """
     out: dict[str, dict] = {}
     transfers = [r for r in records if not is_control(r)]
     rates = success_by_student(transfers, alpha=alpha)
     significant_rates = success_by_student(transfers, significant=True, alpha=alpha)
+    pooled = pool_seeds(transfers)
     for method in dict.fromkeys(r["method"] for r in transfers):
-        rows = [r for r in transfers if r["method"] == method]
+        runs = [r for r in transfers if r["method"] == method]
+        rows = [r for r in pooled if r["method"] == method]
         weaker = [r["delta"] for r in rows if r["teacher_acc"] < r["acc_before"]]
         stronger = [r["delta"] for r in rows if r["teacher_acc"] >= r["acc_before"]]
-        seeds = sorted({r.get("seed") for r in rows}, key=str)
-        seed_means = [_mean(r["delta"] for r in rows if r.get("seed") == seed) for seed in seeds]
+        seeds = sorted({r.get("seed") for r in runs}, key=str)
+        seed_means = [_mean(r["delta"] for r in runs if r.get("seed") == seed) for seed in seeds]
         p_values = [r.get("p_value") for r in rows]
         significance = significance_summary(p_values, alpha=alpha, fdr=alpha)
         out[method] = {
             "pairs": len(rows),
+            "runs": len(runs),
             "positive": _count(rows, lambda r: r["delta"] > 0),
             "significant_positive": _count(rows, lambda r: r["delta"] > 0 and _significant(r, "p_value", alpha)),
             "significant_negative": _count(rows, lambda r: r["delta"] < 0 and _significant(r, "p_value", alpha)),
@@ -187,7 +251,7 @@ def summarize(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
             "success_rate_significant": median_success_rate(significant_rates.get(method, {})),
             "success_by_student": rates.get(method, {}),
             "students": len(rates.get(method, {})),
-            "mean_delta": _mean(r["delta"] for r in rows),
+            "mean_delta": _mean(r["delta"] for r in runs),
             "seeds": len(seeds),
             "mean_delta_std_over_seeds": statistics.stdev(seed_means) if len(seed_means) > 1 else None,
             "mean_delta_weaker_teacher": _mean(weaker),
@@ -195,13 +259,13 @@ def summarize(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
             "weaker_negative": sum(1 for d in weaker if d < 0),
             "mean_delta_stronger_teacher": _mean(stronger),
             "stronger_pairs": len(stronger),
-            "mean_knowledge_gain": _mean(r["knowledge_gain"] for r in rows),
-            "mean_knowledge_loss": _mean(r["knowledge_loss"] for r in rows),
+            "mean_knowledge_gain": _mean(r["knowledge_gain"] for r in runs),
+            "mean_knowledge_loss": _mean(r["knowledge_loss"] for r in runs),
             "expected_by_chance": significance["expected_by_chance"],
             "fdr_discoveries": significance["discoveries"],
             **_versus(rows, "control", alpha),
             **_versus(rows, "self", alpha),
-            **ceiling_summary(rows),
+            **ceiling_summary(runs),
         }
     return out
 
@@ -229,17 +293,22 @@ def ceiling_summary(rows: list[dict]) -> dict:
 
 
 def summarize_controls(records: list[dict], alpha: float = ALPHA) -> dict[str, dict]:
-    """Per control (``ce``, ``self``): runs, mean Δ (± std over seeds) and how many Δs are significant either way."""
+    """Per control (``ce``, ``self``): runs, mean Δ (± std over seeds) and how many students' Δs are significant either way.
+
+    With several seeds a student's Δ is its mean over seeds and its p-value pooled over them (:func:`pool_seeds`).
+    """
     out: dict[str, dict] = {}
     controls = [r for r in records if is_control(r)]
+    pooled = pool_seeds(controls)
     for kind in dict.fromkeys(r["method"] for r in controls):
-        rows = [r for r in controls if r["method"] == kind]
-        seeds = sorted({r.get("seed") for r in rows}, key=str)
-        seed_means = [_mean(r["delta"] for r in rows if r.get("seed") == seed) for seed in seeds]
+        runs = [r for r in controls if r["method"] == kind]
+        rows = [r for r in pooled if r["method"] == kind]
+        seeds = sorted({r.get("seed") for r in runs}, key=str)
+        seed_means = [_mean(r["delta"] for r in runs if r.get("seed") == seed) for seed in seeds]
         out[kind] = {
-            "runs": len(rows),
+            "runs": len(runs),
             "students": len({r["student"] for r in rows}),
-            "mean_delta": _mean(r["delta"] for r in rows),
+            "mean_delta": _mean(r["delta"] for r in runs),
             "mean_delta_std_over_seeds": statistics.stdev(seed_means) if len(seed_means) > 1 else None,
             "min_delta": min(r["delta"] for r in rows),
             "max_delta": max(r["delta"] for r in rows),

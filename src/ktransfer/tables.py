@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .results import ALPHA, is_control
+from .results import ALPHA, is_control, pool_seeds
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -44,18 +44,24 @@ def _p(value) -> str:
     return f"{value:.3f}" if value >= 0.001 else "<.001"
 
 
-def pairs_table(records: list[dict], n_eval: int) -> Table:
+def pairs_table(records: list[dict], n_eval: int, pool: bool = False) -> Table:
+    """One row per transfer record; with ``pool``, one per pair, its seeds pooled (mean ± std, McNemar on the summed counts: ktransfer.results.pool_seeds)."""
     transfers = [r for r in records if not is_control(r)]
+    if pool:
+        transfers = pool_seeds(transfers)
+    pooled = pool and any(r.get("seeds", 1) > 1 for r in transfers)
     with_controls = any(r.get("delta_vs_control") is not None or r.get("delta_vs_self") is not None for r in transfers)
     title = f"Transfers (percent of {n_eval:,} evaluation images; * p < {ALPHA} by an exact McNemar test; share = data routed to the teacher)"
+    if pooled:
+        title += "; over seeds: mean ± std, p pooled over seeds"
     if with_controls:
         title += "; vs ce / vs self: accuracy after minus the ce / self control's"
     table = Table(title=title)
-    columns = ["method", "teacher", "student", "seed", "teacher acc", "student acc", "Δ", "p"]
+    columns = ["method", "teacher", "student", "seeds" if pooled else "seed", "teacher acc", "student acc", "Δ", "p"]
     if with_controls:
         columns += ["vs ce", "vs self"]
     columns += ["gain", "loss", "share", "ens Δ", "capture"]
-    if len({r.get("seed") for r in transfers}) <= 1:
+    if not pooled and len({r.get("seed") for r in transfers}) <= 1:
         columns.remove("seed")
     for column in columns:
         # names never wrap or get cut; the numeric columns give way on a narrow terminal
@@ -64,8 +70,10 @@ def pairs_table(records: list[dict], n_eval: int) -> Table:
         share = r.get("teacher_share")
         cells = {
             "method": r["method"], "teacher": str(r["teacher"]).removeprefix("zoo:"), "student": str(r["student"]).removeprefix("zoo:"), "seed": str(r.get("seed")),
-            "teacher acc": _fmt(r["teacher_acc"]), "student acc": _fmt(r["acc_before"]), "Δ": _delta(r["delta"], r.get("p_value")), "p": _p(r.get("p_value")),
-            "vs ce": _delta(r.get("delta_vs_control"), r.get("p_value_vs_control")), "vs self": _delta(r.get("delta_vs_self"), r.get("p_value_vs_self")),
+            "seeds": str(r.get("seeds", 1)), "teacher acc": _fmt(r["teacher_acc"]), "student acc": _fmt(r["acc_before"]),
+            "Δ": _spread(_delta(r["delta"], r.get("p_value")), r.get("delta_std")), "p": _p(r.get("p_value")),
+            "vs ce": _spread(_delta(r.get("delta_vs_control"), r.get("p_value_vs_control")), r.get("delta_vs_control_std")),
+            "vs self": _spread(_delta(r.get("delta_vs_self"), r.get("p_value_vs_self")), r.get("delta_vs_self_std")),
             "gain": _fmt(r["knowledge_gain"]), "loss": _fmt(r["knowledge_loss"]), "share": _fmt(share, ".0%") if share is not None else "–",
             "ens Δ": _fmt(r.get("ensemble_delta"), "+.2f"), "capture": _fmt(r.get("capture"), ".0%"),
         }
@@ -73,8 +81,12 @@ def pairs_table(records: list[dict], n_eval: int) -> Table:
     tests = len(transfers)
     if tests:
         below = sum(1 for r in transfers if r.get("p_value") is not None and r["p_value"] < ALPHA)
+        pooling = (
+            "p pooled over seeds: the exact McNemar test on the gain and loss counts summed over seeds, each (seed, image) pair a discordant unit. "
+            if pooled else ""
+        )
         table.caption = (
-            f"{below} of {tests} Δs have p < {ALPHA}; about {ALPHA * tests:.1f} would by chance alone if no transfer changed anything. "
+            f"{below} of {tests} Δs have p < {ALPHA}; about {ALPHA * tests:.1f} would by chance alone if no transfer changed anything. {pooling}"
             f"ens Δ: the ensemble of student and teacher (mean of probabilities) over the student, the pair's ceiling; "
             f"capture: Δ ÷ ens Δ (– where ens Δ ≤ 0)."
         )
@@ -92,6 +104,10 @@ def controls_table(summary: dict[str, dict], n_eval: int) -> Table:
             str(s["significant_positive"]), str(s["significant_negative"]), by_student,
         )
     return table
+
+
+def _spread(text: str, std) -> str:
+    return text + (f" ± {std:.2f}" if std is not None and text != "–" else "")
 
 
 def _with_std(mean, std) -> str:

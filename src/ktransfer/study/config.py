@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..extras import require
 from ..methods import create_method
 from ..targets import resolve_targets
-from .sources import DATA_SOURCES, StudyData
+from .sources import DATA_SOURCES, StudyData, same_images
 from .store import CONFIG_FILE
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError, field_validator, model_validator
@@ -127,13 +127,18 @@ def _validate(cls, value: Any, where: str):
 
 
 class DataConfig(_Section):
-    """Where the data comes from. ``transfer_size``/``eval_size`` take a seeded stratified subset (for quick studies)."""
+    """Where the data comes from. ``transfer_size``/``eval_size`` take a seeded stratified subset (for quick studies).
+
+    ``setting`` (Fashion-MNIST only) chooses the transfer data: ``paper``, a stratified 20% of the
+    zoo's own training pool; ``new-data``, the 10k validation images the zoo never saw.
+    """
 
     source: Text = "fashion-mnist"
     dir: str | None = None
     transfer_size: Count | None = None
     eval_size: Count | None = None
     seed: StrictInt = 0
+    setting: Literal["paper", "new-data"] = "paper"
 
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
@@ -142,7 +147,7 @@ class DataConfig(_Section):
         if isinstance(value, str):
             return {"source": value}
         if not isinstance(value, dict):
-            raise ValueError("give a source name such as 'fashion-mnist' or a mapping with keys source, dir, transfer_size, eval_size, seed")
+            raise ValueError("give a source name such as 'fashion-mnist' or a mapping with keys source, dir, transfer_size, eval_size, seed, setting")
         return value
 
     @field_validator("dir", mode="before")
@@ -168,11 +173,25 @@ class DataConfig(_Section):
     def scheme(self) -> str:
         return self.source.partition(":")[0]
 
-    def load(self) -> StudyData:
-        transfer_set, eval_set = DATA_SOURCES[self.scheme](self)
+    def load(self, guard: bool = False) -> StudyData:
+        """The transfer and evaluation data (and the guard's validation data, where the source has some).
+
+        Refuses data that would score a run on images it trained on or selected with: a transfer
+        set that is the evaluation set, and with ``guard`` a validation set that is the evaluation set.
+        """
+        loaded = DATA_SOURCES[self.scheme](self)
+        transfer_set, eval_set = loaded[:2]
+        validation = loaded[2] if len(loaded) > 2 else None
+        if same_images(transfer_set, eval_set):
+            raise ConfigError(f"data: the transfer data {transfer_set.name} is the evaluation data; evaluate on other images (e.g. source fashion-mnist, the test set) or transfer on others")
+        if guard and validation is not None and same_images(validation, eval_set):
+            raise ConfigError(
+                f"data: the guard selects on {validation.name}, which is also the evaluation data; evaluate on other images "
+                "(source fashion-mnist, the test set) or leave guard out"
+            )
         transfer_set = self._shrink(transfer_set, self.transfer_size)
         eval_set = self._shrink(eval_set, self.eval_size)
-        return StudyData(transfer_set, eval_set)
+        return StudyData(transfer_set, eval_set, validation if guard else None)
 
     def _shrink(self, data: ImageData, size: int | None) -> ImageData:
         if size is None or size >= len(data):
@@ -182,7 +201,10 @@ class DataConfig(_Section):
 
     def describe(self) -> dict:
         """What determines the data of a run (the folder is left out: the same files elsewhere are the same data)."""
-        return {"source": self.source, "transfer_size": self.transfer_size, "eval_size": self.eval_size, "seed": self.seed}
+        described = {"source": self.source, "transfer_size": self.transfer_size, "eval_size": self.eval_size, "seed": self.seed}
+        if self.setting != "paper":  # only then, so that runs stored before settings existed keep their keys
+            described["setting"] = self.setting
+        return described
 
 
 class MethodConfig(_Section):
@@ -268,7 +290,7 @@ class SearchConfig(_Section):
         return {"pairs": self.pairs if isinstance(self.pairs, int) else [list(p) for p in self.pairs], "holdout": self.holdout, "seed": self.seed, "epochs": self.epochs}
 
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "processes", "ray")
 
 
 class StudyConfig(_Section):
@@ -285,6 +307,9 @@ class StudyConfig(_Section):
     targets: Literal["cached", "online", "views"] | None = None  # left out: cached, or online with augmentation; views: cached per augmented view
     augment: Text = "none"
     device: Text = "cpu"
+    # Every run (transfers and controls) returns the best of the original student and each epoch's student on
+    # the validation data (the source's validation split; without one a held-out share of the transfer data).
+    guard: bool = False
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
     controls: list[Text] = Field(default_factory=lambda: list(CONTROLS))
     # Where the runs execute: in this process one after another, in worker processes of this machine
@@ -387,6 +412,8 @@ class StudyConfig(_Section):
         }
         if self.augment != "none":
             out["augment"] = self.augment
+        if self.guard:
+            out["guard"] = True
         if self.lr is not None:
             out["lr"] = self.lr
         if self.searched_methods():
@@ -439,6 +466,7 @@ class RunSpec:
     targets: str
     data_json: str
     augment: str = "none"
+    guard: bool = False
 
     @property
     def params(self) -> dict:
@@ -452,6 +480,8 @@ class RunSpec:
         }
         if self.augment != "none":  # absent otherwise, so runs stored before augmentation existed keep their keys
             config["augment"] = self.augment
+        if self.guard:  # likewise
+            config["guard"] = True
         return config
 
     @property
@@ -465,9 +495,9 @@ class RunSpec:
 
     def describe(self) -> str:
         if self.control:
-            return f"{self.control} control (lr {self.lr:g}, no teacher): {self.student}, seed {self.seed}"
+            return f"{self.control} control (lr {self.lr:g}, no teacher): {self.student}, seed {self.seed}" + (", guarded" if self.guard else "")
         params = " ".join(f"{k}={v}" for k, v in self.params.items())
-        augmented = f", augment {self.augment}" if self.augment != "none" else ""
+        augmented = (f", augment {self.augment}" if self.augment != "none" else "") + (", guarded" if self.guard else "")
         return f"{self.method} (lr {self.lr:g}{' ' + params if params else ''}): {self.teacher} → {self.student}, seed {self.seed}{augmented}"
 
 

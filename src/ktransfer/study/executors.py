@@ -42,6 +42,8 @@ class RunOutcome:
 def execute_run(run: RunSpec, models, data: StudyData, device: str, cache: PredictionCache) -> RunOutcome:
     """One run of a study, in whatever process holds ``models`` and ``data``; a failure is returned, not raised."""
     settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, augment=run.augment, device=device, cache=cache)
+    if run.guard:  # on the source's validation data, else on a held-out share of the transfer data (ktransfer.api.guard_data)
+        settings.update(guard=True, val_data=data.validation)
     try:
         if run.control:
             result = run_control(run.control, models[run.student], data.transfer, data.eval, **settings)
@@ -82,7 +84,7 @@ class _WorkerState:
     def __init__(self, config: StudyConfig, device: str):
         self.config, self.device = config, device
         self.cache = PredictionCache()  # on disk: teacher logits computed once per machine, shared by its workers
-        study = config.data.load()
+        study = config.data.load(guard=config.guard)
         self.data = {"study": study}
         if config.searched_methods():
             self.data["search"] = search_split(study, config.search.holdout, config.search.seed)
@@ -120,10 +122,41 @@ def usable_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _start_worker(threads: int) -> None:
+# A spawned worker is a fresh Python process: what the driver changed in memory (a test's monkeypatch,
+# a registered data source or model) is not there. MODULE:FUNCTION in this variable names a function
+# that every worker calls once when it starts, before any run, to set such things up again.
+WORKER_SETUP_ENV = "KTRANSFER_WORKER_SETUP"
+
+
+def worker_setup(target: str) -> Callable[[], object]:
+    """The function ``MODULE:FUNCTION`` names; a clear error where it cannot be found (checked in the driver, before any worker starts)."""
+    import importlib
+
+    from ..errors import ConfigError
+
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"{WORKER_SETUP_ENV} must be MODULE:FUNCTION, e.g. my_setup:setup; got {target!r}")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{WORKER_SETUP_ENV}={target}: {exc}; put the module on PYTHONPATH or unset the variable") from None
+    if not callable(function):
+        raise ConfigError(f"{WORKER_SETUP_ENV}={target} is not a function")
+    return function
+
+
+def run_worker_setup(target: str | None) -> None:
+    """Call the function ``MODULE:FUNCTION`` names (nothing for an empty target)."""
+    if target:
+        worker_setup(target)()
+
+
+def _start_worker(threads: int, setup: str | None = None) -> None:
     # Each worker computes with as many threads as CPUs it was given, so that workers do not fight
     # over cores: independent runs in parallel processes beat one run's intra-op threads.
     torch.set_num_threads(threads)
+    run_worker_setup(setup)
 
 
 class ProcessExecutor:
@@ -131,9 +164,11 @@ class ProcessExecutor:
 
     No extra is needed. Each worker is a fresh (spawned) Python process that loads the study's
     data and models once and serves run after run, with ``cpus_per_run`` threads; teacher logits
-    come from the shared on-disk prediction cache. A worker that dies (killed, out of memory) takes
-    the pool with it: the runs in flight are then run again one at a time in a new pool, and a run
-    that kills its worker while alone is tried up to ``max_retries`` more times, then recorded failed.
+    come from the shared on-disk prediction cache. A worker first calls the function named by
+    ``KTRANSFER_WORKER_SETUP`` (``MODULE:FUNCTION``, read when the executor is made), if set. A worker
+    that dies (killed, out of memory) takes the pool with it: the runs in flight are then run again one
+    at a time in a new pool, and a run that kills its worker while alone is tried up to ``max_retries``
+    more times, then recorded failed.
     """
 
     name = "processes"
@@ -143,10 +178,13 @@ class ProcessExecutor:
         self.threads = max(1, int(config.cpus_per_run))
         self.workers = workers or max(1, usable_cpus() // self.threads)
         self.payload = config.to_dict()
+        self.setup = os.environ.get(WORKER_SETUP_ENV) or None
+        if self.setup:
+            worker_setup(self.setup)  # a wrong name fails here, in one line, not as dying workers
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self.threads,))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self.threads, self.setup))
 
     def slots(self) -> int:
         return self.workers

@@ -19,7 +19,6 @@ from typing import Callable
 
 from ..analysis import analyze
 from ..controls import save_predictions
-from ..extras import require
 from ..models import load_model
 from ..models.base import Model
 from ..predictions import PredictionCache
@@ -32,6 +31,11 @@ from ..paths import atomic_write_bytes
 from ..results import write_records
 
 Logger = Callable[[str], None]
+# Called as each run ends: the run, its record (comparisons with the controls included; None for a failed
+# run), its error (None for a finished run), how many of the runs to do have ended, and how many there are.
+RunCallback = Callable[[RunSpec, "dict | None", "str | None", int, int], None]
+# Called once the models are loaded and analysed, before any run: the complementarity analysis and the zoo rows.
+AnalysisCallback = Callable[[object, list[dict]], None]
 
 
 class Study:
@@ -61,7 +65,7 @@ class Study:
             epochs = self.config.search.epochs or epochs
         return RunSpec(
             phase, student, teacher, method, float(setting["lr"]), json.dumps(setting["params"], sort_keys=True), seed, epochs,
-            self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True), self.config.augment,
+            self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True), self.config.augment, self.config.guard,
         )
 
     def search_plan(self) -> dict[str, list[tuple[dict, list[RunSpec]]]]:
@@ -124,11 +128,17 @@ class Study:
 
     # ---- running
 
-    def run(self, retry_failed: bool = False, log: Logger | None = None, device: str | None = None, executor: str | None = None, address: str | None = None) -> dict:
+    def run(
+        self, retry_failed: bool = False, log: Logger | None = None, device: str | None = None, executor: str | None = None, address: str | None = None,
+        on_run: RunCallback | None = None, on_analysis: AnalysisCallback | None = None,
+    ) -> dict:
         """Run every run that is not done yet; returns :meth:`status` at the end.
 
-        ``executor`` (default: the config's) is ``local`` (this process, one run after another) or
-        ``ray`` (Ray tasks, on the cluster at ``address`` or a local instance): see docs/scale.md.
+        ``executor`` (default: the config's) is ``local`` (this process, one run after another),
+        ``processes`` (worker processes of this machine) or ``ray`` (Ray tasks, on the cluster at
+        ``address`` or a local instance): see docs/scale.md. ``on_run`` is told of each run as it
+        ends (then the log has no line of its own for a finished run); ``on_analysis`` gets the
+        models' analysis before any run (see :data:`RunCallback`, :data:`AnalysisCallback`).
         """
         log = log or print
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -136,20 +146,23 @@ class Study:
             self._write_config()
             store = StudyStore(self.folder / DB_FILE)
             try:
-                self._run(store, retry_failed, log, device or self.config.device, executor or self.config.executor, address)
+                self._run(store, retry_failed, log, device or self.config.device, executor or self.config.executor, address, on_run, on_analysis)
             finally:
                 store.close()
         return self.status()
 
     def _write_config(self) -> None:
-        yaml = require("yaml", "study", "writing the study's config")
-        (self.folder / CONFIG_FILE).write_text(
-            "# The config this study last ran with; `ktransfer study FOLDER` reruns it.\n" + yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-        )
+        try:
+            import yaml
+        except ImportError:  # JSON is YAML too: the file stays readable where ktransfer[study] is installed later
+            text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        else:
+            text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        (self.folder / CONFIG_FILE).write_text("# The config this study last ran with; `ktransfer study FOLDER` reruns it.\n" + text)
 
-    def _run(self, store: StudyStore, retry_failed: bool, log: Logger, device: str, executor_name: str, address: str | None) -> None:
+    def _run(self, store: StudyStore, retry_failed: bool, log: Logger, device: str, executor_name: str, address: str | None, on_run: RunCallback | None, on_analysis: AnalysisCallback | None) -> None:
         started = time.perf_counter()
-        data = self.config.data.load()
+        data = self.config.data.load(guard=self.config.guard)
         log(f"data: transfer set {len(data.transfer):,} images, evaluation set {len(data.eval):,} images ({self.config.data.source})")
         search_plan = self.search_plan()
         phase_data = {"study": data}
@@ -159,7 +172,9 @@ class Study:
         models = {spec: load_model(spec, data_dir=self.config.data.dir) for spec in self.config.models()}  # bad specs fail before any run
         for model in models.values():
             model.module.to(device)  # the analysis and the frozen teachers run where the students train
-        self._write_analysis(models, data, cache, device)
+        analysis, zoo_rows = self._write_analysis(models, data, cache, device)
+        if on_analysis is not None:
+            on_analysis(analysis, zoo_rows)
         save_predictions(self.folder / PREDICTIONS_DIR, LABELS_KEY, data.eval.labels)
 
         executor = make_executor(executor_name, self.config, device, models, phase_data, cache, address)
@@ -170,7 +185,7 @@ class Study:
                 runs = [run for settings in search_plan.values() for _, method_runs in settings for run in method_runs]
                 store.add(runs)
                 log(f"hyperparameter search: {len(runs)} runs on {len(self.config.search_pairs())} pairs, scored on {len(phase_data['search'].eval):,} held-out transfer images")
-                self._execute(store, runs, executor, retry_failed, log)
+                self._execute(store, runs, executor, retry_failed, log, on_run=on_run)
             chosen, tables = self.choose(store)  # the study phase starts once the search's choice is known
             store.set_meta("search", {m: [{k: v for k, v in row.items() if k != "deltas"} for row in rows] for m, rows in tables.items()})
             if tables:
@@ -185,21 +200,24 @@ class Study:
             store.add(runs)
             store.set_meta("plan", [r.key for r in runs])
             log(f"study: {len(runs)} runs ({len(self.config.pairs())} pairs × {len(self.config.seeds)} seed(s) × methods)")
-            self._execute(store, runs, executor, retry_failed, log, export=True)
+            self._execute(store, runs, executor, retry_failed, log, export=True, on_run=on_run)
         finally:
             executor.close()
         self.export(store)
         log(f"finished in {time.perf_counter() - started:.0f}s; results in {self.folder / 'results.csv'}")
 
-    def _execute(self, store: StudyStore, runs: list[RunSpec], executor, retry_failed: bool, log: Logger, export: bool = False) -> None:
-        todo = []
+    def _execute(self, store: StudyStore, runs: list[RunSpec], executor, retry_failed: bool, log: Logger, export: bool = False, on_run: RunCallback | None = None) -> None:
+        todo, reused = [], 0
         for run in runs:
             status = store.status(run.key)
+            reused += status == "done"
             if status == "done" or (status == "failed" and not retry_failed):
                 continue
             if status == "running":
                 log(f"redoing interrupted run: {run.describe()}")
             todo.append(run)
+        if reused:
+            log(f"reused {reused} finished runs of {len(runs)} from {self.folder / DB_FILE}")
         finished = 0
 
         def on_start(run: RunSpec) -> None:
@@ -211,21 +229,28 @@ class Study:
             if outcome.error is not None:
                 store.mark_failed(run.key, outcome.error, outcome.trace or "")
                 log(f"[{finished}/{len(todo)}] FAILED {run.describe()}: {outcome.error}")
+                if on_run is not None:
+                    on_run(run, None, outcome.error, finished, len(todo))
                 return
             record = {**outcome.metrics, "study": self.config.name, "phase": run.phase, "run_key": run.key, "control": bool(run.control)}
+            if self.config.data.scheme == "fashion-mnist":
+                record["setting"] = self.config.data.setting
             if outcome.predictions is not None:  # for the paired comparisons with the controls
                 save_predictions(self.folder / PREDICTIONS_DIR, run.key, outcome.predictions)
             store.mark_done(run.key, record)
+            if export:  # the record as exported, with its comparisons to the controls that ran before it
+                record = next((r for r in self.export(store) if r.get("run_key") == run.key), record)
+            if on_run is not None:
+                on_run(run, record, None, finished, len(todo))
+                return
             log(
                 f"[{finished}/{len(todo)}] {run.describe()}: Δ {record['delta']:+.2f}  gain {record['knowledge_gain']:.2f}  "
                 f"loss {record['knowledge_loss']:.2f}  ({record['seconds']:.1f}s)"
             )
-            if export:
-                self.export(store)
 
         executor.run(todo, on_start, on_finish)
 
-    def _write_analysis(self, models: dict[str, Model], data: StudyData, cache: PredictionCache, device: str) -> None:
+    def _write_analysis(self, models: dict[str, Model], data: StudyData, cache: PredictionCache, device: str) -> tuple:
         analysis = analyze(models, data.eval, cache, device=device)
         analysis.save(self.folder / "complementarity.json")
         zoo_rows = [
@@ -233,6 +258,7 @@ class Study:
             for spec, model in models.items()
         ]
         (self.folder / "zoo.json").write_text(json.dumps(zoo_rows, indent=2))
+        return analysis, zoo_rows
 
     # ---- results
 

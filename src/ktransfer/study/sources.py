@@ -5,17 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import torch
+
 from ..data.base import ImageData
 from ..errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from .config import DataConfig
 
-DATA_SOURCES: dict[str, Callable[["DataConfig"], tuple[ImageData, ImageData]]] = {}
+DATA_SOURCES: dict[str, Callable[["DataConfig"], tuple]] = {}
 
 
 def register_data_source(name: str):
-    """Register a loader ``fn(data_config) -> (transfer_set, eval_set)`` under a name a config can use."""
+    """Register a loader ``fn(data_config) -> (transfer_set, eval_set)`` under a name a config can use.
+
+    A loader may return a third element, the validation data the guard selects on (``guard: true``);
+    without it a guarded run holds out a share of the transfer data instead.
+    """
 
     def wrap(fn):
         DATA_SOURCES[name] = fn
@@ -25,7 +31,7 @@ def register_data_source(name: str):
 
 
 @register_data_source("fashion-mnist")
-def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData]:
+def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData, ImageData | None]:
     from ..data import fashion_mnist
 
     splits = fashion_mnist.load(config.dir)
@@ -33,7 +39,9 @@ def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData]:
     evaluation = {"": splits.eval, "test": splits.eval, "validation": splits.validation}.get(config.source.partition(":")[2])
     if evaluation is None:
         raise ConfigError(f"data.source: {config.source!r} names no evaluation split; write fashion-mnist (the test set) or fashion-mnist:validation")
-    return splits.transfer, evaluation
+    transfer_set = splits.transfer_set(config.setting)  # paper: the zoo's own training images; new-data: the validation split
+    # The guard selects on the validation split, unless the students train on it (new-data): then on a held-out share.
+    return transfer_set, evaluation, None if transfer_set is splits.validation else splits.validation
 
 
 @register_data_source("folder")
@@ -41,6 +49,8 @@ def _folder(config: "DataConfig") -> tuple[ImageData, ImageData]:
     # folder:PATH with train/ and val/ class subfolders, through the data package's own loader.
     from ..data.sources import load_data
 
+    if config.setting != "paper":
+        raise ConfigError(f"data.setting: {config.setting!r} is a Fashion-MNIST split; a folder source transfers on its train/ images (leave setting out)")
     splits = load_data(config.source, data_dir=config.dir)
     return splits.transfer, splits.eval
 
@@ -49,8 +59,14 @@ def _folder(config: "DataConfig") -> tuple[ImageData, ImageData]:
 class StudyData:
     transfer: ImageData
     eval: ImageData
+    validation: ImageData | None = None  # the guard's data; None: a guarded run holds out a share of ``transfer``
 
 
+def same_images(first: ImageData, second: ImageData) -> bool:
+    """Whether two data sets hold the same images and labels (whatever their names)."""
+    return first is second or (
+        first.images.shape == second.images.shape and torch.equal(first.labels, second.labels) and torch.equal(first.images, second.images)
+    )
 
 
 def search_split(data: StudyData, holdout: float, seed: int) -> StudyData:
@@ -62,7 +78,7 @@ def search_split(data: StudyData, holdout: float, seed: int) -> StudyData:
     from ..data.overlap import overlap_phrase, shared_samples
 
     held_out, rest = stratified_split(data.transfer.labels, max(1, round(holdout * len(data.transfer))), seed)
-    search = StudyData(data.transfer.subset(rest, f"{data.transfer.name}[search-train]"), data.transfer.subset(held_out, f"{data.transfer.name}[held-out]"))
+    search = StudyData(data.transfer.subset(rest, f"{data.transfer.name}[search-train]"), data.transfer.subset(held_out, f"{data.transfer.name}[held-out]"), data.validation)
     shared = shared_samples(search.eval, data.eval)
     if shared:
         raise DataError(
