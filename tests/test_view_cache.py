@@ -139,7 +139,7 @@ def test_views_need_augmentation_and_a_cache_folder():
         ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", epochs=1)
     with pytest.raises(ConfigError, match="give a cache"):
         ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", augment="paper", epochs=1)
-    with pytest.raises(ConfigError, match="cache dtype must be one of float16, float32"):
+    with pytest.raises(ConfigError, match="cache_dtype must be one of float16, float32"):
         ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, targets="views", augment="paper", epochs=1, cache=PredictionCache(), cache_dtype="int8")
 
 
@@ -308,8 +308,14 @@ def test_cli_refuses_cache_options_without_targets_views(tmp_path, small_fashion
     result = runner.invoke(main, [*common, "--targets", "views", "--cache-top-k", "3", "--method", "kl", "--param", "top_k=5", "--out", str(tmp_path / "c")])
     assert result.exit_code != 0 and "has top_k 5 but the view cache keeps only each view's 3" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "results.jsonl").exists()
+    # With several teachers the same settings hold: a soup's ingredients read their views from a top-3 cache,
     result = runner.invoke(main, [*common, "--teacher", "zoo:vit", "--strategy", "soup", "--targets", "views", "--cache-top-k", "3", "--out", str(tmp_path / "d")])
-    assert result.exit_code != 0 and "--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy" in result.output
+    assert result.exit_code == 0, result.output
+    (soup,) = [json.loads(line) for line in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
+    assert [(i["targets"], i["view_cache"]["top_k"]) for i in soup["ingredients"]] == [("views", 3), ("views", 3)]
+    # and a sequential run, whose later stages retain toward a student not kept on disk, is refused with views in one line.
+    result = runner.invoke(main, [*common, "--teacher", "zoo:vit", "--strategy", "sequential", "--targets", "views", "--out", str(tmp_path / "e")])
+    assert result.exit_code != 0 and "use targets online with the sequential strategy" in result.output
 
 
 def test_the_key_follows_the_code_that_makes_the_views(tmp_path, monkeypatch):

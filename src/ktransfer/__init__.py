@@ -9,6 +9,7 @@ from .methods import create_method, method_names  # noqa: E402
 from .models import Model, Preprocess, load_model  # noqa: E402
 from .predictions import PredictionCache  # noqa: E402
 from .multi import transfer_multi  # noqa: E402
+from .settings import TransferSettings  # noqa: E402
 from .scout import ScoutPredictor, ScoutResult, scout  # noqa: E402  (the function shadows the module name: import helpers from ktransfer.scout)
 
-__all__ = ["ImageData", "KTransferError", "Model", "PredictionCache", "Preprocess", "ScoutPredictor", "ScoutResult", "TransferResult", "__version__", "create_method", "load_model", "method_names", "scout", "transfer", "transfer_multi"]
+__all__ = ["ImageData", "KTransferError", "Model", "PredictionCache", "Preprocess", "ScoutPredictor", "ScoutResult", "TransferResult", "TransferSettings", "__version__", "create_method", "load_model", "method_names", "scout", "transfer", "transfer_multi"]

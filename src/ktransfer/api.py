@@ -6,7 +6,7 @@ import copy
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +25,7 @@ from .methods.base import Method
 from .metrics import ceiling, ceiling_fields, softmax
 from .models.base import Model, as_model
 from .predictions import PredictionCache
+from .settings import TransferSettings, unknown_phrase
 from .targets import CachedTargets, OnlineTargets, resolve_targets
 from .view_cache import ViewCachedTargets
 
@@ -128,47 +129,32 @@ def transfer(
     transfer_data,
     eval_data,
     method: str | Method = "kl_dp",
+    settings: TransferSettings | None = None,
     *,
-    epochs: int = 3,
-    lr: float | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    weight_decay: float = 1e-3,
-    momentum: float = 0.9,
-    targets: str | None = None,
-    augment: str = "none",
-    device: str = "cpu",
+    method_params: dict | None = None,
+    val_data=None,
     cache: PredictionCache | None = None,
     class_names: Sequence[str] | None = None,
+    eval_references: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
-    eval_references: dict[str, torch.Tensor] | None = None,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int | None = None,
-    checkpoint_minutes: float | None = 10.0,
-    keep_checkpoints: bool = False,
     on_result: Callable[[TransferResult], None] | None = None,
     log: Callable[[str], None] | None = None,
-    guard: bool = False,
-    val_data=None,
-    guard_holdout: float = 0.1,
     distributed: bool | None = None,
-    amp: bool = False,
-    amp_frozen: bool = False,
-    channels_last: str = "auto",
-    prefetch: str = "auto",
-    compile: bool = False,
-    cache_dtype: str | None = None,
-    cache_top_k: int | None = None,
-    **hparams,
+    **options,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
 
     ``student``/``teacher``: ``nn.Module`` (logits out) or :class:`ktransfer.Model` (module plus
     preprocessing). ``teacher`` may be a list for methods that route between several teachers.
     Data: ``(images, labels)`` tensors, a ``Dataset`` of ``(image, label)`` or :class:`ImageData`.
-    ``lr`` defaults to the paper's value for the method. Extra keyword arguments are the
-    method's hyperparameters (``ktransfer methods`` lists them). ``eval_references`` maps a name
+    ``settings``: a :class:`~ktransfer.TransferSettings` (epochs, lr, batch size, schedule, targets,
+    guard, checkpoints, device options, ...); keyword arguments named as its fields override it
+    (``transfer(..., epochs=5)``), and any other name is refused with the nearest one ("unknown
+    setting 'epoch'; did you mean 'epochs'?"). ``lr`` defaults to the paper's value for the method.
+    ``method_params``: the method's hyperparameters (``ktransfer methods`` lists them); as a
+    shorthand they may also be given as keyword arguments where the method takes them. ``val_data``:
+    the guard's validation data (with ``guard``). ``eval_references`` maps a name
     to another student's predictions on ``eval_data``: every epoch is also scored against it
     (history keys ``delta_vs_NAME``, ``knowledge_gain_vs_NAME``, ...).
 
@@ -210,42 +196,36 @@ def transfer(
     the student and the frozen models. None of them changes the result beyond rounding.
     """
     started = time.perf_counter()
+    method, settings = resolve_run(method, settings, method_params, options)
+    s = settings
     student_model = as_model(student, "student")
     if not any(p.requires_grad for p in student_model.module.parameters()):
         raise ConfigError(f"{student_model.name} has no parameter that requires grad, so it cannot train; call module.requires_grad_(True) on it first")
     teachers = [as_model(t, f"teacher{i}" if isinstance(teacher, (list, tuple)) else "teacher") for i, t in enumerate(teacher if isinstance(teacher, (list, tuple)) else [teacher])]
-    if isinstance(method, str):
-        method = create_method(method, **hparams)
-    elif hparams:
-        raise ConfigError("pass hyperparameters either to create_method or to transfer, not both")
     if len(teachers) > 1 and not method.supports_multiple_teachers:
         raise ConfigError(f"method {method.name} takes one teacher; for several teachers in one run use a DP method (kl_dp)")
-    targets = resolve_targets(targets, augment)
-    cache_dtype, cache_top_k = view_storage(targets, cache_dtype, cache_top_k, method, student_model.num_classes)
+    targets = resolve_targets(s.targets, s.augment)
+    cache_dtype, cache_top_k = view_storage(targets, s.cache_dtype, s.cache_top_k, method, student_model.num_classes)
     transfer_set = as_image_data(transfer_data, "transfer data", class_names)
     eval_set = as_image_data(eval_data, "eval data", class_names)
-    transfer_set, guard_set, guard_source = guard_data(guard, val_data, guard_holdout, transfer_set, seed, class_names, eval_set=eval_set)
+    transfer_set, guard_set, guard_source = guard_data(s.guard, val_data, s.guard_holdout, transfer_set, s.seed, class_names, eval_set=eval_set)
     check_compatible(student_model, teachers, transfer_set, eval_set, *([guard_set] if guard_set is not None else []))
     if guard_source == "holdout":
         (log or _log_line)(
-            f"Warning: the guard scores on {len(guard_set):,} transfer images held out of training ({guard_holdout:.0%}); "
+            f"Warning: the guard scores on {len(guard_set):,} transfer images held out of training ({s.guard_holdout:.0%}); "
             f"where the transfer data is the student's own training data this is a weak guard: give val_data (--val-data) the student never saw"
         )
-    config = TrainConfig(epochs=epochs, lr=lr if lr is not None else method.default_lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device, augment=augment,
-                         amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile)
-    config.validate()
+    config = train_config(s, method)
     cache = cache if cache is not None else PredictionCache(enabled=False)
     checkpoints = None
-    if checkpoint_dir is None and (checkpoint_every is not None or keep_checkpoints):
-        raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
-    if checkpoint_dir is not None:
-        settings = run_settings(student_model, teachers, transfer_set, eval_set, method, config, targets, (cache_dtype, cache_top_k))
+    if s.checkpoint_dir is not None:
+        fingerprint = run_settings(student_model, teachers, transfer_set, eval_set, method, config, targets, (cache_dtype, cache_top_k))
         if guard_set is not None:  # a checkpoint carries the guard's best so far: resumed only with the same guard
-            settings["guard"] = {"source": guard_source, "holdout": guard_holdout if guard_source == "holdout" else None, "data": guard_set.fingerprint()}
-        checkpoints = CheckpointStore(checkpoint_dir, settings, checkpoint_every, checkpoint_minutes, log or _log_line)
+            fingerprint["guard"] = {"source": guard_source, "holdout": s.guard_holdout if guard_source == "holdout" else None, "data": guard_set.fingerprint()}
+        checkpoints = CheckpointStore(s.checkpoint_dir, fingerprint, s.checkpoint_every, s.checkpoint_minutes, log or _log_line)
         checkpoints.check()  # a finished run or another configuration's folder: refused before any work
 
-    ranks = join(distributed, device)
+    ranks = join(distributed, s.device)
     if ranks is not None:
         config = replace(config, device=ranks.device(config.device))
         if not ranks.is_main:  # rank 0 alone reports progress and writes
@@ -254,14 +234,65 @@ def transfer(
                 checkpoints.log = lambda line: None
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
     with kept_as_given(student_model, *teachers):
-        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, guard_holdout, ranks, (cache_dtype, cache_top_k), log)
+        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, s.guard_holdout, ranks, (cache_dtype, cache_top_k), log)
     if on_result is not None:
         on_result(result)
     if checkpoints is not None and (ranks is None or ranks.is_main):
-        checkpoints.finish(keep=keep_checkpoints)
+        checkpoints.finish(keep=s.keep_checkpoints)
     if ranks is not None:
         ranks.barrier()  # every process returns once rank 0 has written
     return result
+
+
+def resolve_run(method: str | Method, settings: TransferSettings | None, method_params: dict | None, options: dict) -> tuple[Method, TransferSettings]:
+    """The method and the settings of a call: ``options`` split into settings (overriding ``settings``) and the method's hyperparameters.
+
+    A name that is neither is refused with the nearest setting or hyperparameter ("unknown setting
+    'epoch'; did you mean 'epochs'?"), before any work."""
+    if settings is not None and not isinstance(settings, TransferSettings):
+        raise ConfigError(f"settings must be a ktransfer.TransferSettings; got {type(settings).__name__} (give single settings as keyword arguments, e.g. epochs=5)")
+    names = set(TransferSettings.names())
+    changes = {k: v for k, v in options.items() if k in names}
+    rest = {k: v for k, v in options.items() if k not in names}
+    params = dict(method_params or {})
+    if rest:
+        takes = method_hyperparameters(method)
+        unknown = [k for k in rest if k not in takes]
+        if unknown:
+            raise ConfigError(unknown_phrase(unknown[0], [*names, *takes], "setting"))
+        doubled = sorted(set(rest) & set(params))
+        if doubled:
+            raise ConfigError(f"{', '.join(doubled)} given both in method_params and as keyword arguments: give each once")
+        params.update(rest)
+    if isinstance(method, str):
+        method = create_method(method, **params)
+    elif params:
+        raise ConfigError("pass hyperparameters either to create_method or to transfer (method_params), not both")
+    settings = (settings or TransferSettings()).replace(**changes) if changes else (settings or TransferSettings())
+    return method, settings
+
+
+def method_hyperparameters(method: str | Method) -> list[str]:
+    """The hyperparameter names a method takes (none known for a method object: its parameters are already set)."""
+    if not isinstance(method, str):
+        return []
+    from .methods.base import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None:
+        create_method(method)  # the unknown-method error
+    return [f.name for f in fields(cls.Params)]
+
+
+def train_config(settings: TransferSettings, method: Method) -> TrainConfig:
+    """The engine's training configuration of these settings (the learning rate the method's paper value where left out)."""
+    config = TrainConfig(
+        epochs=settings.epochs, lr=settings.lr if settings.lr is not None else method.default_lr, batch_size=settings.batch_size, momentum=settings.momentum,
+        weight_decay=settings.weight_decay, seed=settings.seed, device=settings.device, schedule=settings.schedule, augment=settings.augment,
+        amp=settings.amp, amp_frozen=settings.amp_frozen, channels_last=settings.channels_last, prefetch=settings.prefetch, compile=settings.compile,
+    )
+    config.validate()
+    return config
 
 
 def guard_data(guard: bool, val_data, holdout: float, transfer_set: ImageData, seed: int, class_names=None, *, eval_set: ImageData | None = None) -> tuple[ImageData, ImageData | None, str | None]:
@@ -480,6 +511,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         "seed": config.seed,
+        "schedule": config.schedule,
         "targets": "online" if isinstance(source, OnlineTargets) else "views" if isinstance(source, ViewCachedTargets) else "cached",  # feature methods always run online
         **({"view_cache": source.describe()} if isinstance(source, ViewCachedTargets) else {}),
         "augment": config.augment,

@@ -50,17 +50,18 @@ def check_controls(kinds: Iterable[str]) -> list[str]:
     return kinds
 
 
-def run_control(kind: str, student, transfer_data, eval_data, **settings):
+def run_control(kind: str, student, transfer_data, eval_data, settings=None, **options):
     """One control run of ``student``: a :class:`~ktransfer.api.TransferResult` whose record says ``control: true``.
 
-    ``settings`` are those of :func:`ktransfer.transfer` (epochs, lr, seed, ...) and must be the
-    ones of the transfers the control is compared with. ``lr`` should be given: the methods'
+    ``settings`` (a :class:`~ktransfer.TransferSettings`) and ``options`` are those of
+    :func:`ktransfer.transfer` (epochs, lr, seed, ..., cache, val_data) and must be the ones of the
+    transfers the control is compared with. ``lr`` should be given: the methods'
     paper defaults differ, and a control at another learning rate answers another question.
     """
     from .api import transfer
 
     # The student stands in for the teacher: ce never reads it, and self routes every sample to the original.
-    result = transfer(student, student, transfer_data, eval_data, method=control_method(kind), **settings)
+    result = transfer(student, student, transfer_data, eval_data, control_method(kind), settings, **options)
     result.metrics = as_control_record(result.metrics, kind)
     return result
 

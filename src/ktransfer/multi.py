@@ -26,22 +26,22 @@ import torch
 from torch import nn
 
 from . import __version__
-from .api import TransferResult, check_compatible, eval_ceiling, kept_as_given, transfer
+from .api import TransferResult, check_compatible, eval_ceiling, kept_as_given, resolve_run, transfer
 from .data.base import ImageData, as_image_data
 from .errors import ConfigError, ModelError
-from .methods import create_method
 from .methods.base import Method
 from .metrics import accuracy, ceiling_fields, transfer_metrics
 from .models.base import Model, as_model
 from .predictions import PredictionCache, compute_logits
+from .settings import TransferSettings
 from .targets import resolve_targets
 
 STRATEGIES = ("parallel", "sequential", "soup")
 ORDERS = ("ascending", "descending", "given")
 # Settings that must agree before a finished single-teacher result can serve as a soup ingredient.
-REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "augment", "transfer_data", "eval_data")
+REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "schedule", "augment", "transfer_data", "eval_data")
 # Settings that records written before they existed lack, with the value those runs had.
-SETTING_DEFAULTS = {"augment": "none"}
+SETTING_DEFAULTS = {"augment": "none", "schedule": "constant", "amp": False, "amp_frozen": False, "compile": False}  # for records written before these were recorded
 # Per-epoch numbers a sequential stage reports against its own start; the combined history prefixes them with ``stage_``.
 STAGE_KEYS = ("acc_before", "delta", "knowledge_gain", "knowledge_loss")
 
@@ -179,7 +179,9 @@ class _Run:
             if self.on_epoch is not None:
                 self.on_epoch(record)
 
-        return transfer(student, teacher, self.transfer_set, self.eval_set, method=method, cache=self.cache, on_epoch=on_epoch, **settings, **extra)
+        # Views are cached on disk per frozen model: there the models are the user's (sequential runs with views are refused).
+        cache = self.cache.base if settings.get("targets") == "views" else self.cache
+        return transfer(student, teacher, self.transfer_set, self.eval_set, method=method, cache=cache, on_epoch=on_epoch, **settings, **extra)
 
 
 def _name(model: Model) -> str:
@@ -241,7 +243,7 @@ def _record(run: _Run, strategy: str, base: dict, after: torch.Tensor, started: 
     }
     record.update(_outcome(run, after))
     record["teacher_share"] = None
-    for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "targets", "augment", "hparams", "n_transfer", "transfer_data", "eval_data"):
+    for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "schedule", "targets", "augment", "amp", "amp_frozen", "compile", "hparams", "n_transfer", "transfer_data", "eval_data"):
         record[key] = base[key] if key in base else SETTING_DEFAULTS[key]
     record.update(seconds=time.perf_counter() - started, version=__version__, history=[])
     record.update(fields)
@@ -384,6 +386,7 @@ def _soup_settings(run: _Run) -> dict:
         "momentum": settings["momentum"],
         "weight_decay": settings["weight_decay"],
         "seed": settings["seed"],
+        "schedule": settings["schedule"],
         "augment": settings["augment"],
         "transfer_data": run.transfer_set.name,
         "eval_data": run.eval_set.name,
@@ -465,26 +468,20 @@ def transfer_multi(
     transfer_data,
     eval_data,
     method: str | Method = "kl_dp",
+    settings: TransferSettings | None = None,
     *,
     strategy: str = "parallel",
     order: str = "ascending",
     recalibrate_bn: bool = False,
     reuse: Iterable[TransferResult] | None = None,
-    epochs: int | Sequence[int] = 3,
-    lr: float | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    weight_decay: float = 1e-3,
-    momentum: float = 0.9,
-    targets: str | None = None,
-    augment: str = "none",
-    device: str = "cpu",
+    method_params: dict | None = None,
+    val_data=None,
     cache: PredictionCache | None = None,
     class_names: Sequence[str] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     executor: str = "local",
     ray_address: str | None = None,
-    **hparams,
+    **options,
 ) -> TransferResult:
     """Transfer from several ``teachers`` into a copy of ``student`` with one of the strategies.
 
@@ -494,7 +491,10 @@ def transfer_multi(
     ``epochs`` may list one budget per teacher, in the order given) or ``soup`` (one transfer per
     teacher, weights averaged; ``recalibrate_bn`` recomputes batch-norm statistics on the
     transfer data; ``reuse`` takes finished single-teacher results with the same settings).
-    Every other argument means what it means in :func:`ktransfer.transfer`; ``on_epoch``
+    ``settings`` and keyword arguments named as its fields are those of :func:`ktransfer.transfer`
+    (every stage or ingredient runs with them), and so are ``method_params``, ``val_data``, ``cache``
+    and ``class_names``; checkpoints apply to the parallel strategy only (the others run one
+    transfer per teacher, and one checkpoint folder cannot hold them). ``on_epoch``
     records also carry the stage or ingredient they belong to. ``executor="ray"`` runs the soup's
     ingredients as Ray tasks at once (on the cluster at ``ray_address``, else a local instance);
     their records reach ``on_epoch`` as each ingredient ends.
@@ -511,19 +511,33 @@ def transfer_multi(
         raise ConfigError(f"executor={executor!r} applies to the soup strategy only, whose ingredients are independent (strategy is {strategy})")
     if reuse and strategy != "soup":
         raise ConfigError(f"reuse applies to the soup strategy only (strategy is {strategy})")
-    if not isinstance(epochs, int) and strategy != "sequential":
-        raise ConfigError("one epoch budget per teacher applies to the sequential strategy only; give a single number")
-    targets = resolve_targets(targets, augment)  # a bad combination fails before any stage runs
-    if isinstance(method, str):
-        method = create_method(method, **hparams)
-    elif hparams:
-        raise ConfigError("pass hyperparameters either to create_method or to transfer_multi, not both")
+    epochs = options.get("epochs")
+    budgets = list(epochs) if isinstance(epochs, (list, tuple)) else None
+    if budgets is not None:
+        if strategy != "sequential":
+            raise ConfigError("one epoch budget per teacher applies to the sequential strategy only; give a single number")
+        if not budgets:
+            raise ConfigError("give one epoch budget per teacher, or a single number")
+        options["epochs"] = budgets[0]  # each budget is checked as a setting; each stage runs its own
+        for budget in budgets[1:]:
+            TransferSettings(epochs=budget)
+    method, settings = resolve_run(method, settings, method_params, options)
+    if settings.checkpoint_dir is not None and strategy != "parallel":
+        raise ConfigError(f"checkpoints apply to one run, and the {strategy} strategy runs one transfer per teacher into one folder: use strategy parallel, or leave out checkpoint_dir")
+    targets = resolve_targets(settings.targets, settings.augment)  # a bad combination fails before any stage runs
+    if targets == "views" and strategy == "sequential":
+        raise ConfigError("targets views caches the frozen models' outputs per view on disk, and each sequential stage after the first retains toward the student of the stage before, which is not kept there: use targets online with the sequential strategy")
     if strategy == "parallel":
         check_parallel_method(method, len(teachers) if isinstance(teachers, (list, tuple)) else 1)
-    settings = {"epochs": epochs if isinstance(epochs, int) else None, "lr": lr, "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "momentum": momentum, "targets": targets, "augment": augment, "device": device}
+    shared = {**settings.to_dict(), **({"val_data": val_data} if val_data is not None else {})}
+    if budgets is not None:
+        shared["epochs"] = None
+        epochs = budgets
+    else:
+        epochs = settings.epochs
     # The user's models go back to their devices and modes at the end, also on an error.
     with kept_as_given(student, *(teachers if isinstance(teachers, (list, tuple)) else [])):
-        run = _prepare(student, teachers, transfer_data, eval_data, method, settings, cache, class_names, on_epoch)
+        run = _prepare(student, teachers, transfer_data, eval_data, method, shared, cache, class_names, on_epoch)
         if strategy == "parallel":
             return _parallel(run)
         if strategy == "sequential":
