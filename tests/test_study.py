@@ -200,10 +200,10 @@ def test_augmented_study_with_views_caches_each_frozen_model_once(small_fashion_
 def test_a_failing_run_is_recorded_and_the_study_goes_on(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
     real_transfer = study_module.transfer
 
-    def diverging(student, teacher, *args, **kwargs):
-        if student.spec == "zoo:cnn" and kwargs["method"].name == "kl":
+    def diverging(student, teacher, transfer_data, eval_data, method, *args, **kwargs):
+        if student.spec == "zoo:cnn" and method == "kl":
             raise TrainingError("kl: the loss became nan at epoch 1, step 2; lower the learning rate")
-        return real_transfer(student, teacher, *args, **kwargs)
+        return real_transfer(student, teacher, transfer_data, eval_data, method, *args, **kwargs)
 
     monkeypatch.setattr(study_module, "transfer", diverging)
     study = make_study(tmp_path, small_fashion_mnist)

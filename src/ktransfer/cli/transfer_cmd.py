@@ -8,7 +8,7 @@ import click
 
 from . import main
 from .data_options import data_options, echo_preprocessing, guard_val_spec, load_cli_data, load_cli_validation
-from .options import data_dir_option, parse_params
+from .options import data_dir_option, parse_params, pop_settings, settings_from_options, settings_options
 
 
 @main.command("transfer")
@@ -19,31 +19,13 @@ from .options import data_dir_option, parse_params
 @click.option("--recalibrate-bn", is_flag=True, help="soup: recompute batch-norm statistics on the transfer data after averaging.")
 @click.option("--method", default="kl_dp", show_default=True, help="Transfer method (see `ktransfer methods`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A hyperparameter of the method; repeat for several.")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="SGD learning rate (default: the method's paper default).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--targets", type=click.Choice(["cached", "online", "views"]), default=None, help="cached: teacher outputs computed once over the transfer set (the default without augmentation); online: a teacher forward pass per batch (the default with --augment paper); views (with --augment paper): the frozen outputs on each augmented view, computed once into the prediction cache and reused by every run on the same views (see ktransfer precompute).")
-@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default=None, help="--targets views: how the cached outputs are stored; float32 reproduces online targets exactly.  [default: float16]")
-@click.option("--cache-top-k", type=click.IntRange(min=0), default=None, metavar="K", help="--targets views: keep only each view's K largest logits (the target renormalised over them; 0: every class). A --param top_k above K is refused.  [default: 0]")
-@click.option("--augment", type=click.Choice(["none", "paper"]), default="none", show_default=True, help="paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.")
 @click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended) and the trained student (safetensors).")
-@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N or mps.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="Also checkpoint into OUT/checkpoints every STEPS optimiser steps (one is always written at the end of each epoch). Rerunning the same command resumes from the newest.")
-@click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M", help="Also checkpoint when M minutes have passed since the last checkpoint.  [default: 10]")
-@click.option("--keep-checkpoints", is_flag=True, help="Keep OUT/checkpoints after the run finishes (by default they are removed then).")
-@click.option("--guard", is_flag=True, help="No-regression guard: score the student after every epoch on data it never trained on and keep the best of the original and each epoch's student (see docs/guard.md). Recommended for real use; off by default, as the paper trained.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended), the trained student (safetensors) and the checkpoints of a run (OUT/checkpoints).")
 @click.option("--val-data", default=None, metavar="SPEC", help="--guard: the validation data to score on, as --eval-data (default: Fashion-MNIST's validation split for the embedded data, else a held-out share of the transfer data).")
-@click.option("--guard-holdout", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None, metavar="FRACTION", help="--guard without validation data: the stratified share of the transfer data held out of training.  [default: 0.1]")
-@click.option("--amp", is_flag=True, help="bfloat16 autocast for the student's forward pass and the loss (on a GPU: faster, less memory).")
-@click.option("--amp-frozen", is_flag=True, help="With --amp, also run the teachers and the original student under autocast (DP still routes on float32 copies of their logits).")
-@click.option("--channels-last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="Channels-last memory for the models and batches; auto: on for conv nets on CUDA.")
-@click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="auto: on CUDA, copy the next batch from pinned memory while the step runs.")
-@click.option("--compile", "compile_models", is_flag=True, help="torch.compile the student and the frozen models (the first steps then take longer).")
+@settings_options(exclude=("checkpoint_dir",))
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, epochs, lr, batch_size, seed, targets, cache_dtype, cache_top_k, augment, controls, out, device, data_dir, strategy, order, recalibrate_bn, checkpoint_every, checkpoint_minutes, keep_checkpoints, guard, val_data, guard_holdout, amp, amp_frozen, channels_last, prefetch, compile_models, **data):
+def transfer_command(student, teacher, method, params, controls, out, data_dir, strategy, order, recalibrate_bn, val_data, **options):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -72,41 +54,40 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     from ..targets import resolve_targets
 
     method_obj = create_method(method, **parse_params(params))  # bad names and values fail before any work
-    targets = resolve_targets(targets, augment, where="--targets")
-    check_device(device)
+    given = pop_settings(options)
+    data = options  # what is left: the data options
+    if given.get("amp_frozen") and not given.get("amp"):
+        raise ConfigError("--amp-frozen runs the frozen models under --amp's autocast: add --amp")
+    if not given.get("guard") and (val_data is not None or given.get("guard_holdout") is not None):
+        raise ConfigError("--val-data and --guard-holdout are the guard's: add --guard")
+    resolve_targets(given.get("targets"), given.get("augment") or "none", where="--targets")
+    # A single transfer checkpoints into OUT/checkpoints, and saves its student and record before the run is marked finished.
+    checkpointed = strategy is None
+    if not checkpointed and any(given.get(k) for k in ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints")):
+        raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer; the command does not checkpoint --strategy runs (the Python API's transfer_multi does for strategy parallel)")
+    settings = settings_from_options(given, **({"checkpoint_dir": str(out / "checkpoints")} if checkpointed else {}))
+    check_device(settings.device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
     if controls and strategy is not None:
         raise ConfigError("--controls compares a single-teacher transfer with its controls; run the controls with one --teacher, or use 'ktransfer study'")
-    if strategy is not None and (checkpoint_every is not None or checkpoint_minutes is not None or keep_checkpoints):
-        raise ConfigError("--checkpoint-every, --checkpoint-minutes and --keep-checkpoints apply to a single transfer, not yet to --strategy")
-    if not guard and (val_data is not None or guard_holdout is not None):
-        raise ConfigError("--val-data and --guard-holdout are the guard's: add --guard")
-    if amp_frozen and not amp:
-        raise ConfigError("--amp-frozen runs the frozen models under --amp's autocast: add --amp")
-    if strategy is not None and (amp or channels_last != "auto" or prefetch != "auto" or compile_models):
-        raise ConfigError("--amp, --channels-last, --prefetch and --compile apply to a single transfer, not yet to --strategy")
-    if guard and strategy is not None:
-        raise ConfigError("--guard applies to a single transfer, not yet to --strategy")
-    if strategy is not None and (cache_dtype is not None or cache_top_k is not None):
-        raise ConfigError("--cache-dtype and --cache-top-k apply to a single transfer, not yet to --strategy")
     if launched_by_torchrun() and (strategy is not None or controls):
         raise ConfigError("under torchrun, ktransfer transfer runs one transfer; run --strategy and --controls in one process, or their transfers one by one")
     # Under torchrun every process runs this command; rank 0 alone prints and writes.
     echo = click.echo if is_main_process() else (lambda *args, **kwargs: None)
-    val_spec = guard_val_spec(val_data, data["data_spec"], data["transfer_data"], data["eval_data"]) if guard else None
+    val_spec = guard_val_spec(val_data, data["data_spec"], data["transfer_data"], data["eval_data"]) if settings.guard else None
     # Validation data that shares samples with the evaluation data, by any spelling, is refused by the transfer itself (api.guard_data).
-    if val_spec is not None and guard_holdout is not None:
+    if val_spec is not None and given.get("guard_holdout") is not None:
         raise ConfigError(f"--guard-holdout holds out transfer data, but the guard scores on {val_spec}; leave out one of them")
     student_model = load_model(student, data_dir=data_dir)
     teacher_model = load_model(teacher, data_dir=data_dir)
     teacher_models = [teacher_model, *(load_model(spec, data_dir=data_dir) for spec in teachers[1:])]
     transfer_set, eval_set = load_cli_data([student_model, *teacher_models], out, data_dir, **data)
-    if strategy is not None:
-        settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, order=order, recalibrate_bn=recalibrate_bn, device=device)
-        return _transfer_from_several(student_model, teacher_models, method_obj, strategy, transfer_set, eval_set, out, settings)
     val_set = load_cli_validation(val_spec, [student_model, *teacher_models], transfer_set, data_dir, **data) if val_spec is not None else None
-    echo(f"{method}: {teacher} → {student}, {epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{', augmented' if augment != 'none' else ''}), evaluated on {len(eval_set):,}")
+    if strategy is not None:
+        return _transfer_from_several(student_model, teacher_models, method_obj, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings)
+    augmented = ", augmented" if settings.augment != "none" else ""
+    echo(f"{method}: {teacher} → {student}, {settings.epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{augmented}), evaluated on {len(eval_set):,}")
     if is_main_process():
         echo_preprocessing([student_model, teacher_model])
 
@@ -114,17 +95,15 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         guarded = f"  guard acc {record['guard_acc']:.2f}" if "guard_acc" in record else ""
         click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}{guarded}  ({record['seconds']:.1f}s)")
 
-    cache = PredictionCache()
-    settings = dict(epochs=epochs, lr=lr if lr is not None else method_obj.default_lr, batch_size=batch_size, seed=seed, targets=targets, augment=augment, device=device, cache=cache,
-                    amp=amp, amp_frozen=amp_frozen, channels_last=channels_last, prefetch=prefetch, compile=compile_models, cache_dtype=cache_dtype, cache_top_k=cache_top_k)
-    if guard:  # in the settings, so that --controls are guarded alike
-        settings.update(guard=True, val_data=val_set, guard_holdout=guard_holdout if guard_holdout is not None else 0.1)
+    # The learning rate is fixed now, so that the controls train at the transfer's own.
+    settings = settings.replace(lr=settings.lr if settings.lr is not None else method_obj.default_lr)
+    shared = dict(cache=PredictionCache(), val_data=val_set)  # passed to the controls too, so they are guarded alike
     saved = {}
 
     def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them
         records = [result.metrics]
         if controls:  # the controls run now, so a rerun after a crash here finds the transfer finished only with them
-            records = [*_run_controls(student_model, transfer_set, eval_set, result, settings), result.metrics]
+            records = [*_run_controls(student_model, transfer_set, eval_set, result, settings.replace(checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=False), shared), result.metrics]
         out.mkdir(parents=True, exist_ok=True)
         for record in records:
             append_record(out / "results.jsonl", record)
@@ -135,11 +114,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         click.echo(line, err=line.startswith("Warning"))
 
     try:
-        result = transfer(
-            student_model, teacher_model, transfer_set, eval_set, method=method_obj, on_epoch=on_epoch, **settings,
-            checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes if checkpoint_minutes is not None else 10.0,
-            keep_checkpoints=keep_checkpoints, on_result=save_outputs, log=log,
-        )
+        result = transfer(student_model, teacher_model, transfer_set, eval_set, method_obj, settings, on_epoch=on_epoch, on_result=save_outputs, log=log, **shared)
     except RunFinishedError as finished:
         echo(f"Nothing to do: {finished}")
         return
@@ -150,7 +125,7 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
         return
     m = result.metrics
     keys = ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value", "delta_vs_control", "p_value_vs_control", "delta_vs_self", "p_value_vs_self")
-    if guard:
+    if settings.guard:
         kept = "the original student" if m["guard_epoch"] == 0 else f"epoch {m['guard_epoch']}"
         echo(f"guard ({m['guard_source']}, {m['guard_size']:,} images): kept {kept}; accuracy there {m['guard_acc_before']:.2f} → {m['guard_acc_after']:.2f}; the last epoch's Δ was {m['last_epoch']['delta']:+.2f}")
         keys = (*keys, "guard_epoch", "guard_source")
@@ -158,13 +133,13 @@ def transfer_command(student, teacher, method, params, epochs, lr, batch_size, s
     echo(f"student saved to {saved['weights']}; {saved['records']} record(s) appended to {out / 'results.jsonl'}")
 
 
-def _run_controls(student_model, transfer_set, eval_set, result, settings) -> list[dict]:
+def _run_controls(student_model, transfer_set, eval_set, result, settings, shared: dict) -> list[dict]:
     """The ce and self controls of a transfer, with its settings; the transfer's record gains its comparisons with them."""
     from ..controls import CONTROLS, attach_controls, run_control
 
     records, predictions = [], {id(result.metrics): result.predictions}
     for kind in CONTROLS:
-        control = run_control(kind, student_model, transfer_set, eval_set, **settings)
+        control = run_control(kind, student_model, transfer_set, eval_set, settings, **shared)
         click.echo(f"  {kind} control (no teacher): Δ {control.metrics['delta']:+.2f} (p {control.metrics['p_value']:.2g})")
         records.append(control.metrics)
         predictions[id(control.metrics)] = control.predictions
@@ -192,14 +167,15 @@ def _check_strategy_options(teachers, strategy, order, recalibrate_bn, method) -
         check_parallel_method(method, len(teachers))
 
 
-def _transfer_from_several(student_model, teacher_models, method, strategy, transfer_set, eval_set, out, settings) -> None:
+def _transfer_from_several(student_model, teacher_models, method, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings) -> None:
+    from ..checkpoints import RunFinishedError
     from ..multi import transfer_multi
     from ..predictions import PredictionCache
     from ..results import append_record
 
     student, teachers = student_model.spec or student_model.name, [t.spec or t.name for t in teacher_models]
-    epochs = settings["epochs"]
-    click.echo(f"{method.name}, {strategy}: {' + '.join(teachers)} → {student}, {epochs} epochs per teacher on {len(transfer_set):,} images, evaluated on {len(eval_set):,}")
+    budget = "" if strategy == "parallel" else " per teacher"
+    click.echo(f"{method.name}, {strategy}: {' + '.join(teachers)} → {student}, {settings.epochs} epochs{budget} on {len(transfer_set):,} images, evaluated on {len(eval_set):,}")
 
     def on_epoch(record):
         where = ""
@@ -215,11 +191,14 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, tran
             line += "  routed: " + " / ".join(f"{share:.0%}" for share in shares)
         click.echo(f"{line}  ({record['seconds']:.1f}s)")
 
-    result = transfer_multi(
-        student_model, teacher_models, transfer_set, eval_set, method, strategy=strategy, order=settings["order"] or "ascending",
-        recalibrate_bn=settings["recalibrate_bn"], epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
-        targets=settings["targets"], augment=settings["augment"], device=settings["device"], cache=PredictionCache(), on_epoch=on_epoch,
-    )
+    try:
+        result = transfer_multi(
+            student_model, teacher_models, transfer_set, eval_set, method, settings, strategy=strategy, order=order or "ascending",
+            recalibrate_bn=recalibrate_bn, val_data=val_set, cache=PredictionCache(), on_epoch=on_epoch,
+        )
+    except RunFinishedError as finished:
+        click.echo(f"Nothing to do: {finished}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
     joined = "+".join(teachers)

@@ -22,6 +22,7 @@ from ..data.base import ImageData, stratified_split
 from ..errors import ConfigError
 from ..extras import require
 from ..methods import create_method
+from ..settings import TransferSettings
 from ..targets import resolve_targets
 from .sources import DATA_SOURCES, StudyData, same_images
 from .store import CONFIG_FILE
@@ -291,6 +292,14 @@ class SearchConfig(_Section):
 
 
 EXECUTORS = ("local", "processes", "ray")
+# Settings of ktransfer.TransferSettings that a study config sets at its top level beyond those its runs'
+# keys have always held (epochs, lr, batch_size, seed, targets, augment, guard, device), and those a study refuses.
+IDENTITY_EXTRAS = ("momentum", "weight_decay", "schedule", "cache_dtype", "cache_top_k", "guard_holdout", "amp", "amp_frozen")
+RUNTIME_SETTINGS = ("channels_last", "prefetch", "compile")
+_CHECKPOINTS = "a study resumes by its store (a rerun redoes only the runs not finished), not by per-run checkpoints; leave it out"
+# A study runs every seed of a list: the setting seed is its key seeds.
+STUDY_LISTS = {"seed": "seeds"}
+STUDY_REFUSES = {key: _CHECKPOINTS for key in ("checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints")}
 
 
 class StudyConfig(_Section):
@@ -310,6 +319,18 @@ class StudyConfig(_Section):
     # Every run (transfers and controls) returns the best of the original student and each epoch's student on
     # the validation data (the source's validation split; without one a held-out share of the transfer data).
     guard: bool = False
+    # The other settings of every run (ktransfer.TransferSettings); left out (None), the transfer's default.
+    momentum: float | None = None
+    weight_decay: float | None = None
+    schedule: Literal["constant", "cosine"] | None = None
+    cache_dtype: Literal["float16", "float32"] | None = None
+    cache_top_k: StrictInt | None = Field(None, ge=0)
+    guard_holdout: float | None = Field(None, gt=0, lt=1)
+    amp: bool = False
+    amp_frozen: bool = False
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    prefetch: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
     controls: list[Text] = Field(default_factory=lambda: list(CONTROLS))
     # Where the runs execute: in this process one after another, in worker processes of this machine
@@ -324,6 +345,9 @@ class StudyConfig(_Section):
         if not isinstance(value, dict):
             return value
         value = dict(value)
+        for key in STUDY_REFUSES:
+            if key in value:
+                raise ValueError(f"{key}: {STUDY_REFUSES[key]}")
         for key in ("students", "teachers", "methods", "seeds", "controls"):
             if value.get(key) is not None:
                 value[key] = _as_list(value[key])
@@ -368,6 +392,9 @@ class StudyConfig(_Section):
         self.seeds = list(dict.fromkeys(self.seeds))
         try:
             self.targets = resolve_targets(self.targets, self.augment)
+            if self.targets != "views" and (self.cache_dtype is not None or self.cache_top_k is not None):
+                raise ConfigError(f"cache_dtype and cache_top_k set how targets views stores the frozen outputs, but the study's targets are {self.targets}: set targets: views (with augment: paper) or leave them out")
+            TransferSettings(**self.run_settings(), **self.runtime_settings())  # every combination checked now, not in the first run
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         if not self.pairs():
@@ -419,6 +446,8 @@ class StudyConfig(_Section):
         if self.searched_methods():
             out["search"] = self.search.to_dict()
         defaults = StudyConfig.model_fields
+        out.update(self.run_settings())
+        out.update(self.runtime_settings())
         for key in ("executor", "cpus_per_run", "gpus_per_run", "max_retries"):
             if getattr(self, key) != defaults[key].default:
                 out[key] = getattr(self, key)
@@ -426,6 +455,16 @@ class StudyConfig(_Section):
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(s, t) for s in self.students for t in self.teachers if s != t]
+
+    def run_settings(self) -> dict:
+        """The settings beyond the run key's own fields that change a run's result, where not the default (so older keys stay)."""
+        given = {key: getattr(self, key) for key in IDENTITY_EXTRAS}
+        defaults = TransferSettings()
+        return {key: value for key, value in given.items() if value is not None and value != getattr(defaults, key)}
+
+    def runtime_settings(self) -> dict:
+        """The settings that change only how fast a run goes (not its result, beyond rounding): not part of a run's key."""
+        return {key: getattr(self, key) for key in RUNTIME_SETTINGS if getattr(self, key) != StudyConfig.model_fields[key].default}
 
     def method(self, name: str) -> MethodConfig:
         return next(m for m in self.methods if m.name == name)
@@ -467,10 +506,20 @@ class RunSpec:
     data_json: str
     augment: str = "none"
     guard: bool = False
+    settings_json: str = ""  # the other settings that change the result (StudyConfig.run_settings), where given
+    runtime_json: str = ""  # speed switches (channels_last, prefetch, compile): not part of the key
 
     @property
     def params(self) -> dict:
         return json.loads(self.params_json)
+
+    def transfer_settings(self, device: str) -> TransferSettings:
+        """The run's :class:`~ktransfer.TransferSettings` (the method's hyperparameters are :attr:`params`)."""
+        extra = {**(json.loads(self.settings_json) if self.settings_json else {}), **(json.loads(self.runtime_json) if self.runtime_json else {})}
+        return TransferSettings(
+            epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed, targets=self.targets, augment=self.augment,
+            guard=self.guard, device=device, **extra,
+        )
 
     def config(self) -> dict:
         config = {
@@ -482,6 +531,8 @@ class RunSpec:
             config["augment"] = self.augment
         if self.guard:  # likewise
             config["guard"] = True
+        if self.settings_json:  # likewise
+            config["settings"] = json.loads(self.settings_json)
         return config
 
     @property

@@ -22,7 +22,6 @@ import torch
 from ..api import transfer
 from ..controls import run_control
 from ..extras import start_ray as _start_ray
-from ..methods import create_method
 from ..models import load_model
 from ..predictions import PredictionCache
 from .config import RunSpec, StudyConfig
@@ -41,14 +40,14 @@ class RunOutcome:
 
 def execute_run(run: RunSpec, models, data: StudyData, device: str, cache: PredictionCache) -> RunOutcome:
     """One run of a study, in whatever process holds ``models`` and ``data``; a failure is returned, not raised."""
-    settings = dict(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, seed=run.seed, targets=run.targets, augment=run.augment, device=device, cache=cache)
-    if run.guard:  # on the source's validation data, else on a held-out share of the transfer data (ktransfer.api.guard_data)
-        settings.update(guard=True, val_data=data.validation)
+    # With the guard: on the source's validation data, else on a held-out share of the transfer data (ktransfer.api.guard_data).
+    given = dict(cache=cache, val_data=data.validation if run.guard else None)
     try:
+        settings = run.transfer_settings(device)
         if run.control:
-            result = run_control(run.control, models[run.student], data.transfer, data.eval, **settings)
+            result = run_control(run.control, models[run.student], data.transfer, data.eval, settings, **given)
         else:
-            result = transfer(models[run.student], models[run.teacher], data.transfer, data.eval, method=create_method(run.method, **run.params), **settings)
+            result = transfer(models[run.student], models[run.teacher], data.transfer, data.eval, run.method, settings, method_params=run.params, **given)
     except Exception as exc:  # noqa: BLE001 - a failing run is recorded and the study goes on
         return RunOutcome(error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
     return RunOutcome(result.metrics, result.predictions)

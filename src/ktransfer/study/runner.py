@@ -66,6 +66,7 @@ class Study:
         return RunSpec(
             phase, student, teacher, method, float(setting["lr"]), json.dumps(setting["params"], sort_keys=True), seed, epochs,
             self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True), self.config.augment, self.config.guard,
+            _json_or_empty(self.config.run_settings()), _json_or_empty(self.config.runtime_settings()),
         )
 
     def search_plan(self) -> dict[str, list[tuple[dict, list[RunSpec]]]]:
@@ -301,3 +302,6 @@ class Study:
             if store:
                 store.close()
 
+
+def _json_or_empty(values: dict) -> str:
+    return json.dumps(values, sort_keys=True) if values else ""
