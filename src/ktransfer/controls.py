@@ -23,13 +23,14 @@ from .methods import create_method
 from .methods.base import Method
 from .metrics import paired_counts, paired_p_value
 from .paths import atomic_path
+from .settings import RECORDED, recorded_setting
 
 CONTROLS = ("ce", "self")
 # The record fields of a transfer that only make sense with a teacher; a control leaves them empty.
 TEACHER_FIELDS = ("teacher_acc", "pos_flips_before", "pos_flips_after", "neg_flips_before", "neg_flips_after", "delta_pos_flips", "delta_neg_flips", "teacher_share",
                   "ensemble_acc", "ensemble_delta", "oracle_acc", "capture")  # no teacher, no ceiling: the keys stay, empty
 # What a control must share with the transfer it is compared with.
-SETTING_KEYS = ("student", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "transfer_data", "eval_data", "augment")
+SETTING_KEYS = ("student", *RECORDED, "transfer_data", "eval_data")
 
 
 def control_method(kind: str) -> Method:
@@ -80,7 +81,7 @@ def is_control(record: Mapping) -> bool:
 
 def setting_key(record: Mapping) -> tuple:
     """What a control and the transfers it serves have in common."""
-    return tuple(str(record.get(k)) for k in SETTING_KEYS)
+    return tuple(str(recorded_setting(record, k)) for k in SETTING_KEYS)
 
 
 def attach_controls(

@@ -33,15 +33,14 @@ from .methods.base import Method
 from .metrics import accuracy, ceiling_fields, transfer_metrics
 from .models.base import Model, as_model
 from .predictions import PredictionCache, compute_logits
-from .settings import TransferSettings
+from .settings import RECORDED, TransferSettings, recorded_setting
 from .targets import resolve_targets
 
 STRATEGIES = ("parallel", "sequential", "soup")
 ORDERS = ("ascending", "descending", "given")
 # Settings that must agree before a finished single-teacher result can serve as a soup ingredient.
-REUSE_SETTINGS = ("student", "teacher", "method", "hparams", "epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "schedule", "augment", "transfer_data", "eval_data")
+REUSE_SETTINGS = ("student", "teacher", "method", "hparams", *RECORDED, "transfer_data", "eval_data")
 # Settings that records written before they existed lack, with the value those runs had.
-SETTING_DEFAULTS = {"augment": "none", "schedule": "constant", "amp": False, "amp_frozen": False, "compile": False}  # for records written before these were recorded
 # Per-epoch numbers a sequential stage reports against its own start; the combined history prefixes them with ``stage_``.
 STAGE_KEYS = ("acc_before", "delta", "knowledge_gain", "knowledge_loss")
 
@@ -244,7 +243,7 @@ def _record(run: _Run, strategy: str, base: dict, after: torch.Tensor, started: 
     record.update(_outcome(run, after))
     record["teacher_share"] = None
     for key in ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "schedule", "targets", "augment", "amp", "amp_frozen", "compile", "hparams", "n_transfer", "transfer_data", "eval_data"):
-        record[key] = base[key] if key in base else SETTING_DEFAULTS[key]
+        record[key] = recorded_setting(base, key)
     record.update(seconds=time.perf_counter() - started, version=__version__, history=[])
     record.update(fields)
     return record
@@ -364,7 +363,7 @@ def _match_reuse(run: _Run, reuse: Iterable[TransferResult] | None, settings_rec
         for key in REUSE_SETTINGS:
             if key == "teacher":
                 continue
-            value = record.get(key, SETTING_DEFAULTS.get(key))
+            value = recorded_setting(record, key)
             if value != settings_record.get(key):
                 raise ConfigError(f"the result to reuse for teacher {teacher} has {key}={value!r} but this soup uses {settings_record.get(key)!r}; reuse only results made with the same settings")
         if record.get("strategy") is not None:

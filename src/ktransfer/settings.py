@@ -112,6 +112,21 @@ class TransferSettings:
             raise ConfigError("amp_frozen runs the frozen models under amp's autocast: set amp too")
 
 
+# The settings every transfer record holds under their own names, which a control and the transfers it is
+# compared with, or a reused soup ingredient and the soup, must share (with the student and the data).
+RECORDED = ("epochs", "lr", "batch_size", "momentum", "weight_decay", "seed", "schedule", "augment")
+
+
+def recorded_setting(record: Mapping, name: str):
+    """A record's value of setting ``name``; a record written before the setting was recorded had its default."""
+    if name in record:
+        return record[name]
+    return getattr(TransferSettings(), name) if name in _LATER else None
+
+
+_LATER = ("schedule", "augment", "amp", "amp_frozen", "compile")  # recorded only from some version on
+
+
 def check_names(names: Iterable[str], known: Iterable[str] = (), where: str = "") -> None:
     """Refuse names that are not settings (nor in ``known``), each with the nearest name as a suggestion."""
     valid = [*TransferSettings.names(), *known]
