@@ -120,6 +120,9 @@ def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo,
         assert r["setting"] == "paper" and r["transfer_data"] == "fashion-mnist/transfer"
     for text in ("Zoo", "Complementary knowledge", "Controls", "Per method", "success rate", "beats ce", "by chance"):
         assert text in result.output
+    # Output that is not a terminal (here a test's capture; a user's log file) holds every table whole: no cell cut to "…"
+    assert "…" not in result.output and "zoo: vit ready" in result.output
+    assert any(line.count("│") >= 10 and "kl_dp" in line for line in result.output.splitlines())  # a per-pair row, every column in one line
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"kl", "kl_dp"} and set(summary["controls"]) == {"ce", "self"}
     # the ceiling: in every transfer record, the tables and the per-method summary
@@ -145,4 +148,11 @@ def test_demo_new_data_setting_transfers_on_the_unseen_images(small_fashion_mnis
     (record,) = read_records(out / "results.jsonl")
     assert record["setting"] == "new-data" and record["transfer_data"] == "fashion-mnist/validation" and record["n_transfer"] == 200
     assert "delta_vs_control" not in record and "Controls" not in result.output
+    # For scripts, --json: one JSON object on standard output; the tables on standard error, whole, though no
+    # COLUMNS says how wide a log may be (rich alone would cut them to 80 columns)
+    plain = CliRunner(env={"COLUMNS": None}).invoke(main, ["demo", "--executor", "local", "--setting", "new-data", "--students", "mlp", "--teachers", "cnn", "--methods", "kl_dp", "--no-controls", "--epochs", "1", "--out", str(out), "--data-dir", str(small_fashion_mnist), "--json"])
+    assert plain.exit_code == 0, plain.output
+    payload = json.loads(plain.stdout)
+    assert [r["delta"] for r in payload["records"]] == [record["delta"]] and payload["summary"]["kl_dp"]["pairs"] == 1
+    assert "Per method" in plain.stderr and "…" not in plain.stderr
     one_line_error(run("demo", "--seeds", "0,x", "--out", out, "--data-dir", small_fashion_mnist), "seeds must be comma-separated integers")

@@ -27,6 +27,7 @@ from .errors import ConfigError, KTransferError
 from .methods import create_method, transfer_method_names
 from .models.base import Model
 from .models.store import DEFAULT_ZOO, load_zoo_model
+from .output import output_console
 from .results import summarize, summarize_controls
 from .study import Study, StudyConfig, load_records
 from .study.config import EXECUTORS
@@ -116,11 +117,13 @@ def load_zoo(names: list[str], data_dir, console: Console) -> dict[str, Model]:
             task = progress.add_task(f"zoo: {name}", total=None)
             models[name] = load_zoo_model(name, data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
             progress.update(task, completed=1, total=1, description=f"zoo: {name} ready")
+            if not console.is_terminal:  # no live bar in a log: one line per model instead
+                console.print(f"zoo: {name} ready", markup=False, highlight=False)
     return models
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or output_console()
     config = options.study_config()
     started = time.perf_counter()
     out = Path(options.out)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import tables
+from .output import output_console
 from .api import TransferResult, transfer
 from .data import fashion_mnist
 from .demo import DemoOptions, _jsonable, _progress, load_zoo
@@ -72,7 +73,7 @@ def resolve_multi_teacher(options: DemoOptions) -> DemoOptions:
 
 
 def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or output_console()
     resolve_multi_teacher(options)
     started = time.perf_counter()
     out = Path(options.out)

@@ -30,7 +30,7 @@ def analyze_command(models, pair, data_spec, transfer_spec, out, data_dir):
 
     Example: ktransfer analyze --models zoo:cnn,zoo:mlp,zoo:vit --pair zoo:cnn,zoo:mlp
     """
-    from rich.console import Console
+    from ..output import output_console
 
     from ..analysis import analyze, diagnose_transfer_set
     from ..errors import ConfigError
@@ -51,7 +51,7 @@ def analyze_command(models, pair, data_spec, transfer_spec, out, data_dir):
         analysis.pair_view(*chosen_pair)  # unknown names fail before anything is printed
     diagnostics = diagnose_transfer_set(loaded, transfer_data, data.eval) if transfer_data is not None else None
 
-    console = Console()
+    console = output_console()
     short = [name.removeprefix("zoo:") for name in analysis.models]
     console.print(tables.flip_matrix_table(short, analysis.positive_flips, analysis.n_eval))
     console.print(tables.flip_matrix_table(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -24,8 +25,9 @@ from .options import data_dir_option, parse_seeds, split_list
 @click.option("--device", default="cpu", show_default=True, help="Where transfers run: cpu, cuda, cuda:1, mps. The zoo always trains on the CPU.")
 @click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default=None, help="Where the runs execute [default: processes: one worker process per usable CPU, one thread each]; local: one after another in this process; ray: Ray tasks (needs ktransfer[ray]). See docs/scale.md.")
 @click.option("--guard", is_flag=True, help="Every transfer and control returns the best of the original student and each epoch's student on the validation split (a held-out 10% of the transfer data with --setting new-data); see docs/guard.md.")
+@click.option("--json", "as_json", is_flag=True, help="For scripts: print the results as one JSON object on standard output (records, per-method summary, controls, timing, output folder); the tables and progress go to standard error.")
 @data_dir_option
-def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, augment, students, teachers, data_dir, multi_teacher, device, executor, guard):
+def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, augment, students, teachers, data_dir, multi_teacher, device, executor, guard, as_json):
     """Train (or reload) the embedded zoo, measure complementary knowledge, and transfer between every pair.
 
     Shows the paper's finding on Fashion-MNIST, in the paper's setting by default (transfer on data the
@@ -34,6 +36,7 @@ def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, au
     controls, and every Δ carries an exact McNemar p-value.
     """
     from ..demo import DemoOptions, run_demo
+    from ..output import output_console
     from ..errors import ConfigError
     from ..multi_demo import run_multi_teacher_demo
 
@@ -43,11 +46,18 @@ def demo_command(profile, out, methods, epochs, setting, lr, seeds, controls, au
         setting=setting, controls=controls, augment=augment, students=split_list(students), teachers=split_list(teachers), data_dir=data_dir, device=device, guard=guard,
         **({"executor": executor} if executor is not None else {}),
     )
+    console = output_console(stderr=as_json)  # with --json, standard output holds the JSON alone
     if multi_teacher:
         if guard:
             raise ConfigError("--guard applies to the single-teacher demo, not yet to --multi-teacher")
         if executor is not None:
             raise ConfigError("--executor applies to the single-teacher demo; --multi-teacher runs in this process (leave --executor out)")
-        run_multi_teacher_demo(options)
-        return
-    run_demo(options)
+        result = run_multi_teacher_demo(options, console)
+    else:
+        result = run_demo(options, console)
+    if as_json:
+        click.echo(json.dumps({key: result[key] for key in JSON_KEYS if key in result}, default=str))
+
+
+# What --json prints of a demo's result (the tables' numbers and more, as ktransfer.demo.run_demo returns them).
+JSON_KEYS = ("records", "summary", "controls", "zoo", "rows", "teachers", "timing", "out")

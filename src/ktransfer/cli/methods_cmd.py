@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rich.console import Console
+from ..output import output_console
 from rich.table import Table
 
 from . import main
@@ -28,4 +28,4 @@ def methods_command():
                 bounds = f" in [{meta.get('low', '')}, {meta.get('high', '')}]"
             lines.append(f"{f.name} = {f.default!r}{bounds}: {meta.get('help', '')}")
         table.add_row(name, cls.summary, f"{cls.default_lr:g}", "\n".join(lines) or "–")
-    Console().print(table)
+    output_console().print(table)

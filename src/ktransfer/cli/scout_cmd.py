@@ -67,7 +67,7 @@ def _load_scout_data(spec: str, models, size, data_dir):
 def _scout(student, teachers, data_spec, size, predictor_path, out, device, data_dir):
     import json
 
-    from rich.console import Console
+    from ..output import output_console
 
     from ..engine import check_device
     from ..models import load_model
@@ -78,7 +78,7 @@ def _scout(student, teachers, data_spec, size, predictor_path, out, device, data
     models = {spec: load_model(spec, data_dir=data_dir) for spec in dict.fromkeys([student, *teachers])}
     data = _load_scout_data(data_spec, list(models.values()), size, data_dir)
     result = scout(models[student], [models[t] for t in teachers], data, predictor=predictor, device=device)
-    console = Console()
+    console = output_console()
     console.print(ranking_table(result))
     unlikely = result.unlikely
     console.print(f"unlikely to help: {', '.join(unlikely)}" if unlikely else "no teacher is ruled out: every interval reaches above 0")
@@ -111,7 +111,7 @@ def ranking_table(result):
 
 
 def _fit(folder: Path, method: str, score_on, out, device, features=None):
-    from rich.console import Console
+    from ..output import output_console
 
     from ..engine import check_device
     from ..scout import FEATURES, PREDICTOR_FILE, check_features, fit_study
@@ -123,7 +123,7 @@ def _fit(folder: Path, method: str, score_on, out, device, features=None):
     out = out if out is not None else folder / PREDICTOR_FILE
     fit.predictor.save(out)
     rows_path = fit.save_rows(folder)
-    console = Console()
+    console = output_console()
     for line in fit_summary(fit.predictor):
         console.print(line)
     console.print(f"predictor written to [bold]{out}[/]; per-pair predictions to {rows_path} (shown by 'ktransfer report {folder}')")

@@ -29,14 +29,13 @@ def study_command(config, out, show_status, retry_failed, device, executor, addr
 
     Example: ktransfer study examples/zoo-study.yaml --out zoo-study   (add --executor ray for several runs at a time)
     """
-    from rich.console import Console
-
+    from ..output import output_console
     from ..study import Study
 
     study = Study.open(config, out, data_dir=data_dir)
     if no_controls:
         study.config.controls = []
-    console = Console(highlight=False)
+    console = output_console(highlight=False)
     if show_status:
         print_status(console, study.status())
         return
