@@ -1,0 +1,131 @@
+"""Learning-rate × epochs curves of the demo's transfers, measured on the validation split only.
+
+Every run transfers on the demo's transfer set (the paper setting: images the zoo trained on) and is
+evaluated after every epoch on Fashion-MNIST's validation split (the 10k training images the zoo never
+saw), never on the test set: these curves are what the demo's defaults are chosen from (docs/demo.md).
+With a constant learning rate one run of E epochs gives the whole curve from 1 to E epochs.
+
+    python scripts/demo_curves.py run --out curves.jsonl            # measure (resumable: done runs are skipped)
+    python scripts/demo_curves.py plot curves.jsonl docs/figures/demo-curves.png
+
+Each line of the output is one run: student, teacher (None for a control), method, lr, the
+student's validation accuracy before, the ensemble Δ of the pair (the ceiling), and Δ after each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+PAIRS = ["vit<cnn", "mlp<cnn", "resnet<mlp"]
+METHODS = ["kl", "kl_dp"]
+CONTROLS = ["ce", "self"]
+LRS = [1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def measure(args) -> None:
+    import torch
+
+    import ktransfer
+    from ktransfer.controls import run_control
+    from ktransfer.data import fashion_mnist
+
+    torch.set_num_threads(args.threads)
+    splits = fashion_mnist.load(args.data_dir)
+    pairs = [tuple(pair.split("<")) for pair in args.pairs]
+    models = {name: ktransfer.load_model(f"zoo:{name}") for pair in pairs for name in pair}
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        done = {(r["student"], r["teacher"], r["method"], r["lr"]) for r in map(json.loads, out.read_text().splitlines()) if r.get("schedule", "constant") == args.schedule and r.get("epochs", args.epochs) == args.epochs}
+    jobs = [(s, t, m, lr) for lr in args.lrs for s, t in pairs for m in args.methods]
+    jobs += [(s, None, c, lr) for lr in args.lrs for s in dict.fromkeys(s for s, _ in pairs) for c in args.controls]
+    jobs = [job for job in jobs if job not in done]
+    print(f"{len(jobs)} run(s) of {args.epochs} epochs to go, on the validation split", flush=True)
+    for n, (student, teacher, method, lr) in enumerate(jobs, 1):
+        started = time.perf_counter()
+        settings = dict(epochs=args.epochs, lr=lr, seed=args.seed, augment=args.augment, schedule=args.schedule)
+        if teacher is None:
+            result = run_control(method, models[student], splits.transfer, splits.validation, **settings)
+        else:
+            result = ktransfer.transfer(models[student], models[teacher], splits.transfer, splits.validation, method=method, **settings)
+        record = result.metrics
+        before = record["acc_before"]
+        row = {
+            "student": student, "teacher": teacher, "method": method, "lr": lr, "seed": args.seed, "augment": args.augment, "schedule": args.schedule, "epochs": args.epochs,
+            "acc_before": before, "ensemble_delta": record.get("ensemble_delta"),
+            "delta_by_epoch": [round(epoch["acc"] - before, 4) for epoch in result.history],
+            "p_value": record.get("p_value"),
+        }
+        with out.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        last = row["delta_by_epoch"][-1]
+        print(f"[{n}/{len(jobs)}] {student}<{teacher or method} {method} lr {lr:g}: Δ after {args.epochs} epochs {last:+.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    rows = [r for r in rows if r.get("schedule", "constant") == "constant"]  # a constant lr's run gives the whole curve
+    pairs = list(dict.fromkeys((r["student"], r["teacher"]) for r in rows if r["teacher"] is not None))
+    lrs = sorted({r["lr"] for r in rows})
+    colors = {"kl": "tab:red", "kl_dp": "tab:blue", "ce": "tab:gray", "self": "tab:green"}
+    figure, axes = plt.subplots(len(pairs), len(lrs), figsize=(3.2 * len(lrs), 2.6 * len(pairs)), sharex=True, sharey="row", squeeze=False)
+    for i, (student, teacher) in enumerate(pairs):
+        for j, lr in enumerate(lrs):
+            ax = axes[i][j]
+            for r in rows:
+                if r["lr"] != lr or r["student"] != student or r["teacher"] not in (teacher, None):
+                    continue
+                curve = r["delta_by_epoch"]
+                ax.plot(range(1, len(curve) + 1), curve, color=colors.get(r["method"], "black"), label=r["method"], linestyle="--" if r["teacher"] is None else "-")
+                if r["teacher"] is not None and r["ensemble_delta"] is not None:
+                    ceiling = r["ensemble_delta"]
+            ax.axhline(0, color="black", linewidth=0.5)
+            ax.axhline(ceiling, color="tab:purple", linewidth=0.8, linestyle=":", label="ensemble Δ")
+            ax.set_title(f"{student} ← {teacher}, lr {lr:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("Δ on validation (points)")
+            if i == len(pairs) - 1:
+                ax.set_xlabel("epochs (constant lr)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.figure, dpi=110)
+    print(f"wrote {args.figure}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="measure the curves (resumable)")
+    run.add_argument("--out", default="demo-curves.jsonl")
+    run.add_argument("--pairs", nargs="+", default=PAIRS, help="STUDENT<TEACHER zoo names")
+    run.add_argument("--methods", nargs="+", default=METHODS)
+    run.add_argument("--controls", nargs="+", default=CONTROLS)
+    run.add_argument("--lrs", nargs="+", type=float, default=LRS)
+    run.add_argument("--epochs", type=int, default=30)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--augment", default="none")
+    run.add_argument("--schedule", default="constant", help="cosine: one budget per run (only the last epoch's point is that budget's result)")
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--data-dir", default=None)
+    run.set_defaults(func=measure)
+    draw = commands.add_parser("plot", help="draw the curves of a results file")
+    draw.add_argument("results")
+    draw.add_argument("figure")
+    draw.set_defaults(func=plot)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
