@@ -23,7 +23,7 @@ import torch
 
 import ktransfer
 from ktransfer.data import fashion_mnist
-from ktransfer.models.store import load_zoo_model
+from ktransfer.pretrain import load_zoo_model
 from ktransfer.predictions import PredictionCache
 
 

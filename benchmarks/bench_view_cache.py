@@ -30,7 +30,8 @@ from ktransfer.data.base import stratified_split
 from ktransfer.engine import Engine, TrainConfig
 from ktransfer.methods import create_method
 from ktransfer.models.base import Model
-from ktransfer.models.store import DEFAULT_ZOO, load_zoo_model
+from ktransfer.models.store import DEFAULT_ZOO
+from ktransfer.pretrain import load_zoo_model
 from ktransfer.predictions import PredictionCache
 from ktransfer.targets import OnlineTargets
 from ktransfer.view_cache import ViewCachedTargets

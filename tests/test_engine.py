@@ -115,7 +115,7 @@ def test_zoo_models_are_reproducible(small_fashion_mnist, tiny_zoo, isolated_cac
     """The same recipe gives the same weights, whatever the global RNG did before."""
     import shutil
 
-    from ktransfer.models.store import load_zoo_model
+    from ktransfer.pretrain import load_zoo_model
 
     first = load_zoo_model("cnn", small_fashion_mnist).module.state_dict()
     shutil.rmtree(isolated_cache / "zoo")

@@ -1,6 +1,6 @@
 """ktransfer: find and transfer complementary knowledge between pretrained classifiers."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .api import TransferResult, transfer  # noqa: E402
 from .data.base import ImageData  # noqa: E402
@@ -9,6 +9,7 @@ from .methods import create_method, method_names  # noqa: E402
 from .models import Model, Preprocess, load_model  # noqa: E402
 from .predictions import PredictionCache  # noqa: E402
 from .multi import transfer_multi  # noqa: E402
+from . import pretrain  # noqa: E402,F401  (registers the zoo:NAME model source)
 from .settings import TransferSettings  # noqa: E402
 from .scout import ScoutPredictor, ScoutResult, scout  # noqa: E402  (the function shadows the module name: import helpers from ktransfer.scout)
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data, stratified_split
 from .distributed import Ranks, join

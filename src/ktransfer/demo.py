@@ -26,7 +26,8 @@ from .data import fashion_mnist
 from .errors import ConfigError, KTransferError
 from .methods import create_method, transfer_method_names
 from .models.base import Model
-from .models.store import DEFAULT_ZOO, load_zoo_model
+from .models.store import DEFAULT_ZOO
+from .pretrain import load_zoo_model
 from .output import output_console
 from .results import summarize, summarize_controls
 from .study import Study, StudyConfig, load_records

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .api import TransferResult, check_compatible, eval_ceiling, kept_as_given, resolve_run, transfer
 from .data.base import ImageData, as_image_data
 from .errors import ConfigError, ModelError

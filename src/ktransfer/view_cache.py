@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from . import augment as augment_module
 from .augment import Augmentation, check_augment
 from .data.base import ImageData

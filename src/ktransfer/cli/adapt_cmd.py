@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .data_options import data_options, echo_preprocessing, load_cli_data
 from .options import data_dir_option
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from .group import main
 
 
 @main.group("data")

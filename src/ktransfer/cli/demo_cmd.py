@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .options import data_dir_option, parse_seeds, split_list
 
 

@@ -5,7 +5,7 @@ import dataclasses
 from ..output import output_console
 from rich.table import Table
 
-from . import main
+from .group import main
 
 
 @main.command("methods")

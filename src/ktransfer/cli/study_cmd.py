@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .options import data_dir_option
 
 

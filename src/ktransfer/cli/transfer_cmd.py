@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import main
+from .group import main
 from .data_options import data_options, echo_preprocessing, guard_val_spec, load_cli_data, load_cli_validation
 from .options import data_dir_option, parse_params, pop_settings, settings_from_options, settings_options
 

@@ -24,10 +24,9 @@ from ..paths import atomic_path
 from .base import Model, Preprocess
 from .registry import register_source
 from .sources import apply_preprocess_options, architecture_spec, split_options
-from .weights import load_weights, read_state_dict  # noqa: F401  (read_state_dict: part of this module's interface)
+from .weights import WEIGHT_SUFFIXES, is_checkpoint_path, load_weights, read_state_dict  # noqa: F401  (part of this module's interface)
 
 METADATA_KEY = "ktransfer.model"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -80,7 +79,7 @@ def _build_architecture(spec: str) -> Model:
         if arch not in ZOO_ARCHITECTURES:
             raise ModelError(f"unknown zoo architecture {name!r} recorded in the checkpoint")
         return Model(build(arch), name, FASHION_MNIST_PREPROCESS, ZOO_ARCHITECTURES[arch][0], spec)
-    from .loading import load_model  # here, not at the top: loading imports this module to register the file source
+    from .loading import load_model  # here, not at the top: the file source is registered when the package loads this module
 
     return load_model(spec)
 
@@ -113,12 +112,6 @@ def load_checkpoint(path: str | Path, **overrides) -> Model:
     model.class_names = info.get("class_names")
     model._fingerprint = None
     return model
-
-
-def is_checkpoint_path(spec: str) -> bool:
-    """A bare path to a weights file (no source prefix needed)."""
-    path = spec.partition("?")[0]
-    return Path(path).suffix in WEIGHT_SUFFIXES or Path(path).expanduser().is_file()
 
 
 @register_source("file")

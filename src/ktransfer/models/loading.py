@@ -5,9 +5,9 @@ from __future__ import annotations
 from ..errors import ModelError
 from . import sources  # noqa: F401  (registers the timm, torchvision and python sources)
 from .base import Model
-from .checkpoint import is_checkpoint_path  # also registers the file source
 from .registry import MODEL_SOURCES
 from .sources import PYTHON_MODULE
+from .weights import is_checkpoint_path
 
 
 def load_model(spec: str, **options) -> Model:
@@ -23,9 +23,9 @@ def load_model(spec: str, **options) -> Model:
     elif not sep:
         raise ModelError(
             f"model spec {spec!r} has no source and is no file; write it as SOURCE:NAME, e.g. zoo:cnn, timm:resnet50, "
-            f"package.module:factory, or give the path of a checkpoint (sources: {', '.join(MODEL_SOURCES)})"
+            f"package.module:factory, or give the path of a checkpoint (sources: {', '.join(sorted(MODEL_SOURCES))})"
         )
     else:
-        raise ModelError(f"unknown model source {scheme!r} in {spec!r}; known sources: {', '.join(MODEL_SOURCES)}, or package.module:factory")
+        raise ModelError(f"unknown model source {scheme!r} in {spec!r}; known sources: {', '.join(sorted(MODEL_SOURCES))}, or package.module:factory")
     model.spec = spec
     return model

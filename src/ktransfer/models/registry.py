@@ -1,4 +1,4 @@
-"""Model specs a user writes anywhere a model is named: ``zoo:NAME`` (more sources register here)."""
+"""Model specs a user writes anywhere a model is named: each source (``zoo``, ``timm``, ``torchvision``, ``file``, ...) registers here."""
 
 from __future__ import annotations
 
@@ -15,10 +15,3 @@ def register_source(scheme: str):
         return fn
 
     return wrap
-
-
-@register_source("zoo")
-def _zoo(name: str, **options) -> Model:
-    from .store import load_zoo_model
-
-    return load_zoo_model(name, data_dir=options.get("data_dir"), on_step=options.get("on_step"))

@@ -286,7 +286,7 @@ def import_object(target: str, spec: str):
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        hint = "" if "." in module_name else f" (if {module_name!r} was meant as a model source: the sources are {', '.join(MODEL_SOURCES)})"
+        hint = "" if "." in module_name else f" (if {module_name!r} was meant as a model source: the sources are {', '.join(sorted(MODEL_SOURCES))})"
         raise ModelError(f"model spec {spec!r}: cannot import {module_name!r} ({exc}); install it or put its folder on PYTHONPATH{hint}") from exc
     except Exception as exc:  # noqa: BLE001 - an error inside the user's module
         raise ModelError(f"model spec {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc

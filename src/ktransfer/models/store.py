@@ -1,4 +1,6 @@
-"""Training the embedded zoo once and reloading it: weights cached as safetensors.
+"""The embedded zoo's recipes and where their trained weights are cached (as safetensors).
+
+Training them is :mod:`ktransfer.pretrain`'s, a layer above (it uses the engine).
 
 A zoo model is an architecture plus a recipe: its training data (the shared transfer set, which
 every zoo model sees, plus a seeded private part of the rest of the pretraining pool) and its
@@ -12,16 +14,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..data import fashion_mnist
 from ..data.base import ImageData
 from ..errors import ModelError
-from ..paths import atomic_path, cache_dir
-from .base import Model, Preprocess
+from ..paths import cache_dir
+from .base import Preprocess
 from .zoo import ZOO_ARCHITECTURES
 
 ZOO_FORMAT = 3  # bump when architectures change: old weights are then retrained, not misloaded
@@ -78,57 +78,3 @@ def build(arch: str, num_classes: int = 10) -> torch.nn.Module:
 
 def weights_path(name: str, recipe: ZooRecipe, splits: fashion_mnist.FashionMNISTSplits) -> Path:
     return cache_dir() / "zoo" / f"{name}-{recipe.key(splits.pool, splits.transfer_index)}.safetensors"
-
-
-def load_zoo_model(
-    name: str,
-    data_dir=None,
-    recipe: ZooRecipe | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> Model:
-    """The trained zoo model ``name``: from the cache, or trained now (and cached)."""
-    if recipe is None:
-        if name not in DEFAULT_ZOO:
-            raise ModelError(f"unknown zoo model {name!r}; the zoo has: {', '.join(DEFAULT_ZOO)}")
-        recipe = DEFAULT_ZOO[name]
-    splits = fashion_mnist.load(data_dir)
-    family = ZOO_ARCHITECTURES[recipe.arch][0] if recipe.arch in ZOO_ARCHITECTURES else ""
-    with torch.random.fork_rng():  # the same weights whatever ran before, and the caller's RNG left alone
-        torch.manual_seed(recipe.seed)
-        module = build(recipe.arch)
-    path = weights_path(name, recipe, splits)
-    if path.is_file():
-        try:
-            module.load_state_dict(load_file(path))
-        except Exception:  # noqa: BLE001 - a damaged or stale file is retrained, never trusted
-            path.unlink(missing_ok=True)
-            return load_zoo_model(name, data_dir, recipe, on_step)
-    else:
-        train_zoo_model(module, recipe, splits, on_step)
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp, metadata={"recipe": json.dumps(asdict(recipe))})
-    module.eval()
-    return Model(module, name, FASHION_MNIST_PREPROCESS, family, f"zoo:{name}")
-
-
-def training_index(recipe: ZooRecipe, pool_size: int, transfer_index: torch.Tensor) -> torch.Tensor:
-    """Positions in the pool a zoo model trains on: the transfer set plus its seeded private part of the rest."""
-    rest = torch.ones(pool_size, dtype=torch.bool)
-    rest[transfer_index] = False
-    rest = rest.nonzero().reshape(-1)
-    private = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(recipe.seed))[: recipe.private_size]]
-    return torch.sort(torch.cat([transfer_index, private])).values
-
-
-def train_zoo_model(module: torch.nn.Module, recipe: ZooRecipe, splits: fashion_mnist.FashionMNISTSplits, on_step=None) -> None:
-    from ..engine import Engine, TrainConfig
-    from ..methods import create_method
-
-    index = training_index(recipe, len(splits.pool), splits.transfer_index)
-    data = splits.pool.subset(index, f"{splits.pool.name}[transfer+{recipe.private_size} private, seed={recipe.seed}]")
-    config = TrainConfig(
-        epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, seed=recipe.seed, schedule=recipe.schedule
-    )
-    torch.manual_seed(recipe.seed)
-    model = Model(module, recipe.arch, FASHION_MNIST_PREPROCESS)
-    Engine(model, create_method("ce"), data, config, on_step=on_step).run()

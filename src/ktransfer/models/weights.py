@@ -128,3 +128,12 @@ def fit_head(module: nn.Module, num_classes: int) -> nn.Module:
     if isinstance(getattr(module, "num_classes", None), int):
         module.num_classes = num_classes
     return new
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def is_checkpoint_path(spec: str) -> bool:
+    """A bare path to a weights file (no source prefix needed)."""
+    path = spec.partition("?")[0]
+    return Path(path).suffix in WEIGHT_SUFFIXES or Path(path).expanduser().is_file()

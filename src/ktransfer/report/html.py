@@ -7,7 +7,7 @@ import html
 import statistics
 import time
 
-from .. import __version__
+from .._version import __version__
 from ..results import ALPHA, summarize, summarize_controls
 from .data import ReportData, ceiling_points, is_number, multi_teacher_rows, per_student, short, success_summary
 
