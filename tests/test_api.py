@@ -144,3 +144,15 @@ def test_image_data_still_gets_a_channel_axis_and_needs_a_sample_axis():
     assert features.images.shape == (3, 20) and not features.is_images
     with pytest.raises(DataError, match="first axis of samples"):
         ImageData(torch.tensor(1.0), torch.tensor([0]), ["a"])
+
+
+def test_a_model_keeps_its_declared_fields_through_a_transfer(tiny_data):
+    # architecture and class_names are fields of Model: a rebuilt model (the trained copy, the result) keeps them
+    torch.manual_seed(0)
+    names = [f"c{i}" for i in range(10)]
+    student = ktransfer.Model(MLP(hidden=16), "s", architecture="zoo:mlp", class_names=names)
+    result = ktransfer.transfer(student, MLP(hidden=16), *tiny_data, epochs=1, lr=0.01)
+    assert (result.model.architecture, result.model.class_names, result.model.name) == ("zoo:mlp", names, "s")
+    assert result.model.module is result.student and result.model.fingerprint() != student.fingerprint()
+    renamed = student.rebuilt(name="t", _fingerprint=student.fingerprint())
+    assert renamed.module is student.module and renamed.class_names == names and renamed.fingerprint() == student.fingerprint()

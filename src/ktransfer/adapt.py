@@ -104,16 +104,15 @@ def adapt(
     config = TrainConfig(epochs=epochs, lr=lr if lr is not None else DEFAULT_LR[mode], batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device)
     config.validate()
     trainable.to(device)
-    training = Model(trainable, source.name, source.preprocess, source.family, source.spec)
+    training = source.rebuilt(trainable)
     evaluator = Evaluator(eval_set, batch_size=config.eval_batch_size, device=device) if eval_set is not None else None
     history = Engine(training, create_method("ce"), train_set, config, evaluator=evaluator, on_epoch=on_epoch).run()
     for parameter in module.parameters():
         parameter.requires_grad_(True)
     module.eval()
 
-    adapted = Model(module, source.name, source.preprocess, source.family, source.spec)
-    adapted.architecture = getattr(source, "architecture", None) or (architecture_spec(source.spec) if source.spec else None)
-    adapted.class_names = list(train_set.class_names)
+    architecture = source.architecture or (architecture_spec(source.spec) if source.spec else None)
+    adapted = source.rebuilt(module, architecture=architecture, class_names=list(train_set.class_names))
     metrics = {
         "from": source.spec or source.name,
         "mode": mode,

@@ -445,8 +445,8 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
-    original = Model(student_model.module, f"{student_model.name} (original)", student_model.preprocess, student_model.family, student_model.spec, student_model._fingerprint, student_model.feature_layer)
-    trained = Model(copy.deepcopy(student_model.module).to(device), student_model.name, student_model.preprocess, student_model.family, student_model.spec, feature_layer=student_model.feature_layer)
+    original = student_model.rebuilt(name=f"{student_model.name} (original)", _fingerprint=student_model._fingerprint)
+    trained = student_model.rebuilt(copy.deepcopy(student_model.module).to(device))
     for model in (original, *teachers):
         model.module.to(device)
 
@@ -536,7 +536,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
     if ranks is not None:  # batch_size above is the global batch, shared out over these processes
         metrics["processes"] = ranks.world_size
     result_module.eval()  # ready for inference, as the models it was evaluated as
-    final_model = Model(result_module, trained.name, trained.preprocess, trained.family, trained.spec, feature_layer=trained.feature_layer)
+    final_model = trained.rebuilt(result_module)
     return TransferResult(result_module, metrics, history, final_model, evaluator.last_predictions)
 
 

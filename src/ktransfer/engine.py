@@ -512,7 +512,7 @@ class Engine:
             self.ranks.sync_module(self.student.module)
             if evaluated is not self.student.module:
                 self.ranks.sync_module(evaluated)
-        return self.student if evaluated is self.student.module else Model(evaluated, self.student.name, self.student.preprocess)
+        return self.student if evaluated is self.student.module else self.student.rebuilt(evaluated)
 
     def evaluate(self) -> dict:
         if self.evaluator is None:

@@ -439,7 +439,7 @@ def _soup(run: _Run, reuse, recalibrate_bn: bool, executor: str = "local", ray_a
     device = run.settings.get("device", "cpu")
     module = average_weights([result.student for result in ingredients]).to(device)
     student = run.student
-    soup = Model(module, student.name, student.preprocess, student.family, student.spec)
+    soup = student.rebuilt(module)
     recalibrated = recalibrate_batch_norm(soup, run.transfer_set, run.settings["batch_size"], device) if recalibrate_bn else 0
     soup.module.eval()
     after = _predict(soup, run.eval_set, device)

@@ -29,7 +29,6 @@ from .methods import create_method
 from .metrics import accuracy
 from .multi import batch_norm_layers, transfer_multi
 from .predictions import PredictionCache
-from .models.base import Model
 from .results import append_record, read_records
 
 # Students of three families and three teachers of three others, as the paper took three and three.
@@ -131,7 +130,7 @@ def run_multi_teacher_demo(options: DemoOptions, console: Console | None = None)
                     if done is not None and weights.is_file():
                         module = copy.deepcopy(student.module)
                         module.load_state_dict(load_file(weights))
-                        result = TransferResult(module, take_finished(done), done.get("history", []), Model(module.eval(), student.name, student.preprocess, student.family, student.spec))
+                        result = TransferResult(module, take_finished(done), done.get("history", []), student.rebuilt(module.eval()))
                     else:
                         result = transfer(student, teacher, transfer_set, splits.eval, method=create_method(method), **settings)
                         result.save_student(weights)

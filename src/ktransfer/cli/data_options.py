@@ -53,7 +53,7 @@ def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, tr
     options = dict(workers=workers, skip_corrupt=skip_corrupt, in_memory=None if stream is None else not stream, log=log)
     transfer_set, eval_set = materialize(transfer, size, channels, **options), materialize(evaluation, size, channels, **options)
     for model in models:
-        names = getattr(model, "class_names", None)
+        names = model.class_names
         if names and list(names) != list(transfer_set.class_names):
             raise ModelError(
                 f"{model.spec or model.name} was adapted to the classes {_short(names)}, but the data has {_short(transfer_set.class_names)}; "

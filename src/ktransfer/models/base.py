@@ -101,6 +101,17 @@ class Model:
     spec: str = ""
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
     feature_layer: str | None = None
+    # The spec that builds this module afresh, where it differs from ``spec`` (a checkpoint records it).
+    architecture: str | None = None
+    # The names of its classes, where the model came with them (an adapted head, a checkpoint).
+    class_names: list[str] | None = None
+
+    def rebuilt(self, module: nn.Module | None = None, **changes) -> "Model":
+        """This model with another ``module`` (a trained copy, a soup) or other fields: the one way to rebuild one.
+
+        Every field not changed is kept; the fingerprint is recomputed from the new module unless
+        ``_fingerprint`` is given (the same module under another name)."""
+        return dataclasses.replace(self, **{"module": self.module if module is None else module, "_fingerprint": None, **changes})
 
     @property
     def num_classes(self) -> int:
@@ -121,7 +132,7 @@ class Model:
 
     def for_views(self) -> "Model":
         """The same module (shared, not copied) taking augmented views framed for another model (see ``ktransfer.augment``)."""
-        return Model(self.module, self.name, self.preprocess.for_views(), self.family, self.spec, feature_layer=self.feature_layer)
+        return self.rebuilt(preprocess=self.preprocess.for_views())
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)

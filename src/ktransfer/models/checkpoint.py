@@ -42,13 +42,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def checkpoint_info(model: Model, class_names: list[str] | None = None, **extra) -> dict:
     """What a checkpoint records so that its path alone rebuilds the model."""
-    architecture = getattr(model, "architecture", None) or architecture_spec(model.spec)
+    architecture = model.architecture or architecture_spec(model.spec)
     if not architecture:
         raise ModelError(f"{model.name}: cannot record its architecture (it has no spec); load it through a model spec to save it as a checkpoint")
     return {
         "architecture": architecture,
         "num_classes": model.num_classes,
-        "class_names": list(class_names) if class_names is not None else getattr(model, "class_names", None),
+        "class_names": list(class_names) if class_names is not None else model.class_names,
         "preprocess": dataclasses.asdict(model.preprocess),
         "name": model.name,
         "family": model.family,
@@ -108,7 +108,7 @@ def load_checkpoint(path: str | Path, **overrides) -> Model:
     model.preprocess = apply_preprocess_options(preprocess, overrides, str(path))
     model.name = info.get("name") or path.stem
     model.family = info.get("family") or model.family
-    model.architecture = getattr(model, "architecture", None) or architecture_spec(architecture)
+    model.architecture = model.architecture or architecture_spec(architecture)
     model.class_names = info.get("class_names")
     model._fingerprint = None
     return model
