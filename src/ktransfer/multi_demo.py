@@ -63,6 +63,8 @@ def resolve_multi_teacher(options: DemoOptions) -> DemoOptions:
     options.students = options.students or list(profile["students"])
     options.teachers = options.teachers or list(profile["teachers"])
     options.resolve()
+    if options.schedule != "constant":
+        raise ConfigError("--schedule applies to the single-teacher demo; the multi-teacher table trains at a constant learning rate")
     if len(options.teachers) < 2:
         raise ConfigError(f"the multi-teacher table needs at least two teachers (the paper uses three); got {', '.join(options.teachers)}")
     overlap = sorted(set(options.students) & set(options.teachers))
