@@ -145,5 +145,5 @@ def test_the_layers_here_are_the_ones_documented():
 def test_each_model_module_imports_first():
     # Whichever module of the model package a user imports first, the sources are all registered.
     for module in ("ktransfer.models.checkpoint", "ktransfer.models.sources", "ktransfer.models.registry", "ktransfer.models.weights"):
-        code = f"import {module}; from ktransfer.models.registry import MODEL_SOURCES as s; assert set(s) == {{'zoo', 'timm', 'torchvision', 'python', 'file'}}, s"
+        code = f"import {module}; from ktransfer.models.registry import MODEL_SOURCES as s; assert set(s) == {{'zoo', 'timm', 'torchvision', 'python', 'file', 'hf'}}, s"
         subprocess.run([sys.executable, "-c", code], check=True)
