@@ -149,7 +149,7 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
 def test_unknown_sources_say_what_exists():
     with pytest.raises(ModelError, match="no source"):
         load_model("resnet18")
-    with pytest.raises(ModelError, match="the sources are file, python, timm, torchvision, zoo"):
+    with pytest.raises(ModelError, match="the sources are file, hf, python, timm, torchvision, zoo"):
         load_model("zooo:cnn")
 
 
