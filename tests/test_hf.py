@@ -84,3 +84,31 @@ def test_adapt_fits_an_hf_models_head_like_any_other(hf_models, small_fashion_mn
     assert result.model.num_classes == 3 and result.metrics["new_head"] and result.model.class_names == ["a", "b", "c"]
     changed = {k for k, v in result.model.module.state_dict().items() if k not in before or not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.classifier.") for k in changed)  # the probe trains the head alone
+
+
+def test_a_saved_student_loads_back_in_its_own_library_and_predicts_the_same(hf_models, small_fashion_mnist, tiny_zoo, tmp_path):
+    import timm
+
+    splits = fashion_mnist.load(small_fashion_mnist)
+    zoo = ktransfer.load_model("zoo:cnn", data_dir=small_fashion_mnist)
+    images = splits.eval.images[:16]
+    # an hf: student: a save_pretrained folder, with its processor, that transformers loads in one line
+    vit = ktransfer.load_model(f"hf:{hf_models[0]}")
+    result = ktransfer.transfer(vit, zoo, splits.transfer, splits.eval, "kl_dp", epochs=1, lr=1e-2, batch_size=64)
+    folder = result.save_student(tmp_path / "vit-student.safetensors")
+    assert folder == tmp_path / "vit-student" and (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        pixels = result.model.preprocess(images)
+        assert torch.allclose(loaded(pixel_values=pixels).logits, result.model.logits(images), atol=1e-5)
+        assert torch.equal(ktransfer.load_model(f"hf:{folder}").logits(images).argmax(1), result.model.logits(images).argmax(1))
+    # a timm student: a safetensors state dict that timm takes as its pretrained file, and ktransfer reloads by its path
+    spec = "timm:resnet10t?pretrained=false&num_classes=10&input_size=32x32&in_chans=3"
+    result = ktransfer.transfer(ktransfer.load_model(spec), zoo, splits.transfer, splits.eval, "kl_dp", epochs=1, lr=1e-2, batch_size=64)
+    path = result.save_student(tmp_path / "r10.safetensors")
+    # (num_classes in the overlay too: timm drops a pretrained head whose size differs from its config's)
+    native = timm.create_model("resnet10t", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    with torch.no_grad():
+        expected = result.model.logits(images)
+        assert torch.allclose(native(result.model.preprocess(images)), expected, atol=1e-5)
+        assert torch.allclose(ktransfer.load_model(str(path)).logits(images), expected, atol=1e-5)

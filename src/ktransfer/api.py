@@ -24,6 +24,7 @@ from .methods import create_method
 from .methods.base import Method
 from .metrics import ceiling, ceiling_fields, softmax
 from .models.base import Model, as_model
+from .paths import atomic_path
 from .predictions import PredictionCache
 from .settings import TransferSettings, unknown_phrase
 from .targets import CachedTargets, OnlineTargets, resolve_targets
@@ -92,12 +93,44 @@ class TransferResult:
     # The returned student's top-1 predictions on the evaluation set, for paired comparisons (controls).
     predictions: torch.Tensor | None = None
 
-    def save_student(self, path: str | Path) -> Path:
+    def save_student(self, path: str | Path, format: str = "native") -> Path:
+        """Write the trained student; returns where it went.
+
+        ``native`` (the default): where the student's own library loads it in one line. A
+        Hugging Face student (``hf:``) becomes a ``save_pretrained`` folder (``path`` without its
+        suffix), with its image processor; a timm or torchvision student a safetensors state dict with
+        the library's own keys (``timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=PATH))``, or ``load_state_dict``). ``ktransfer``: a safetensors
+        checkpoint in ktransfer's keys. Both safetensors files also record the architecture, so
+        ``ktransfer.load_model(PATH)`` (``--student PATH``) rebuilds the student where its spec allows.
+        """
+        from .models.checkpoint import save_checkpoint
+        from .models.hf import HFImageClassifier
+
+        if format not in SAVE_FORMATS:
+            raise ConfigError(f"save format must be one of {', '.join(SAVE_FORMATS)}; got {format!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.student.state_dict().items()}
-        save_file(state, path, metadata={"student": str(self.metrics.get("student")), "teacher": str(self.metrics.get("teacher")), "method": str(self.metrics.get("method"))})
+        if format == "native" and isinstance(self.student, HFImageClassifier):
+            folder = path.with_suffix("") if path.suffix == ".safetensors" else path
+            self.student.model.save_pretrained(folder)
+            if getattr(self.student, "processor", None) is not None:
+                self.student.processor.save_pretrained(folder)
+            return folder
+        made = {key: str(self.metrics.get(key)) for key in ("student", "teacher", "method")}
+        model = self.model if self.model is not None else Model(self.student, str(self.metrics.get("student", "student")))
+        if path.suffix == ".safetensors":
+            try:
+                return save_checkpoint(model, path, model.class_names, transferred=made)
+            except ModelError:  # no spec to record (a plain module): the weights alone
+                pass
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in self.student.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, tmp, metadata=made)
         return path
+
+
+SAVE_FORMATS = ("native", "ktransfer")
 
 
 def check_compatible(student: Model, teachers: Sequence[Model], *datasets: ImageData) -> None:

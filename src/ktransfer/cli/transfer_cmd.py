@@ -21,11 +21,12 @@ from .options import data_dir_option, parse_params, pop_settings, settings_from_
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A hyperparameter of the method; repeat for several.")
 @click.option("--controls", is_flag=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended), the trained student (safetensors) and the checkpoints of a run (OUT/checkpoints).")
+@click.option("--save-format", type=click.Choice(["native", "ktransfer"]), default="native", show_default=True, help="How the trained student is written. native: where its library loads it in one line: an hf: student as a save_pretrained folder, a timm or torchvision student as a safetensors state dict in the library's keys (timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))); ktransfer: a safetensors checkpoint in ktransfer's keys. Both record the architecture, so --student PATH reloads the student. See docs/transfer.md.")
 @click.option("--val-data", default=None, metavar="SPEC", help="--guard: the validation data to score on, as --eval-data (default: Fashion-MNIST's validation split for the embedded data, else a held-out share of the transfer data).")
 @settings_options(exclude=("checkpoint_dir",))
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, controls, out, data_dir, strategy, order, recalibrate_bn, val_data, **options):
+def transfer_command(student, teacher, method, params, controls, out, data_dir, strategy, order, recalibrate_bn, save_format, val_data, **options):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -85,7 +86,7 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
     transfer_set, eval_set = load_cli_data([student_model, *teacher_models], out, data_dir, **data)
     val_set = load_cli_validation(val_spec, [student_model, *teacher_models], transfer_set, data_dir, **data) if val_spec is not None else None
     if strategy is not None:
-        return _transfer_from_several(student_model, teacher_models, method_obj, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings)
+        return _transfer_from_several(student_model, teacher_models, method_obj, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings, save_format)
     augmented = ", augmented" if settings.augment != "none" else ""
     echo(f"{method}: {teacher} → {student}, {settings.epochs} epochs on {len(transfer_set):,} images ({transfer_set.name}{augmented}), evaluated on {len(eval_set):,}")
     if is_main_process():
@@ -107,7 +108,7 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
         out.mkdir(parents=True, exist_ok=True)
         for record in records:
             append_record(out / "results.jsonl", record)
-        saved["weights"] = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors")
+        saved["weights"] = result.save_student(out / f"{file_name(f'{student}-from-{teacher}-{method}')}.safetensors", save_format)
         saved["records"] = len(records)
 
     def log(line):
@@ -167,7 +168,7 @@ def _check_strategy_options(teachers, strategy, order, recalibrate_bn, method) -
         check_parallel_method(method, len(teachers))
 
 
-def _transfer_from_several(student_model, teacher_models, method, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings) -> None:
+def _transfer_from_several(student_model, teacher_models, method, strategy, order, recalibrate_bn, transfer_set, eval_set, val_set, out, settings, save_format="native") -> None:
     from ..checkpoints import RunFinishedError
     from ..multi import transfer_multi
     from ..predictions import PredictionCache
@@ -202,7 +203,7 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, orde
     out.mkdir(parents=True, exist_ok=True)
     append_record(out / "results.jsonl", result.metrics)
     joined = "+".join(teachers)
-    weights = result.save_student(out / f"{file_name(f'{student}-from-{joined}-{strategy}-{method.name}')}.safetensors")
+    weights = result.save_student(out / f"{file_name(f'{student}-from-{joined}-{strategy}-{method.name}')}.safetensors", save_format)
     m = result.metrics
     summary = {k: m[k] for k in ("acc_before", "acc_after", "teacher_acc", "delta", "knowledge_gain", "knowledge_loss", "p_value")}
     if strategy == "parallel":

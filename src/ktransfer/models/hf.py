@@ -111,6 +111,7 @@ def hf_model(rest: str, **_: Any) -> Model:
     model = _load(transformers, "AutoModelForImageClassification", name, spec)
     processor = _load(transformers, "AutoImageProcessor", name, spec)
     module = HFImageClassifier(model)
+    module.processor = processor  # not a submodule: kept so that a trained student is saved with it (save_pretrained)
     if file:
         load_weights_file(module, file, spec)
     if num_classes is not None and num_classes != model.config.num_labels:
