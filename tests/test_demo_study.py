@@ -83,11 +83,11 @@ def test_the_demo_in_worker_processes_gives_the_records_of_one_process(small_fas
     assert "executor: processes, " in outputs["processes"] and "[6/6]" in outputs["processes"]
 
 
-def test_the_gain_profile_trains_longer_with_an_annealed_rate_and_options_override_it():
+def test_the_gain_profile_trains_longer_and_options_override_it():
     gain = DemoOptions(profile="gain").study_config()
-    assert (gain.epochs, gain.lr, gain.schedule, len(gain.pairs())) == (10, 0.02, "cosine", 30)
+    assert (gain.epochs, gain.lr, gain.schedule, len(gain.pairs())) == (30, 0.003, "constant", 30)
     full = DemoOptions().study_config()
     assert (full.epochs, full.lr, full.schedule) == (3, 0.003, "constant")
-    assert full.run_settings() == {} and gain.run_settings() == {"schedule": "cosine"}  # so the full demo's run keys are those it always had
-    mine = DemoOptions(profile="gain", lr=0.01, schedule="constant", epochs=4).study_config()
-    assert (mine.epochs, mine.lr, mine.schedule) == (4, 0.01, "constant")
+    assert full.run_settings() == {}  # so the full demo's run keys are those it always had
+    mine = DemoOptions(profile="gain", lr=0.01, schedule="cosine", epochs=4).study_config()
+    assert (mine.epochs, mine.lr, mine.schedule, mine.run_settings()) == (4, 0.01, "cosine", {"schedule": "cosine"})
