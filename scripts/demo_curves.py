@@ -81,15 +81,15 @@ def plot(args) -> None:
     for i, (student, teacher) in enumerate(pairs):
         for j, lr in enumerate(lrs):
             ax = axes[i][j]
+            ceiling = next((r["ensemble_delta"] for r in rows if (r["student"], r["teacher"]) == (student, teacher) and r["ensemble_delta"] is not None), 0.0)
             for r in rows:
                 if r["lr"] != lr or r["student"] != student or r["teacher"] not in (teacher, None):
                     continue
                 curve = r["delta_by_epoch"]
                 ax.plot(range(1, len(curve) + 1), curve, color=colors.get(r["method"], "black"), label=r["method"], linestyle="--" if r["teacher"] is None else "-")
-                if r["teacher"] is not None and r["ensemble_delta"] is not None:
-                    ceiling = r["ensemble_delta"]
             ax.axhline(0, color="black", linewidth=0.5)
             ax.axhline(ceiling, color="tab:purple", linewidth=0.8, linestyle=":", label="ensemble Δ")
+            ax.set_ylim(-3, max(ceiling + 0.5, 2))  # the ceiling in view; a student knocked out below -3 points runs off the bottom
             ax.set_title(f"{student} ← {teacher}, lr {lr:g}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("Δ on validation (points)")
@@ -101,6 +101,30 @@ def plot(args) -> None:
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=110)
     print(f"wrote {args.figure}")
+
+
+def table(args) -> None:
+    """A markdown table: per pair and learning rate, Δ after the given epochs for every method and control."""
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    rows = [r for r in rows if r.get("schedule", "constant") == "constant"]
+    pairs = list(dict.fromkeys((r["student"], r["teacher"]) for r in rows if r["teacher"] is not None))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is not None))
+    controls = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is None))
+    epochs = [int(e) for e in args.epochs.split(",")]
+    print("| pair (ens Δ) | lr | " + " | ".join(f"{m} ({'/'.join(map(str, epochs))} ep)" for m in [*methods, *controls]) + " |")
+    print("|---|---|" + "---|" * (len(methods) + len(controls)))
+    for student, teacher in pairs:
+        for lr in sorted({r["lr"] for r in rows}):
+            cells, ceiling = [], None
+            for method in [*methods, *controls]:
+                match = [r for r in rows if r["lr"] == lr and r["student"] == student and r["method"] == method and r["teacher"] in ((teacher,) if method in methods else (None,))]
+                if match:
+                    curve = match[0]["delta_by_epoch"]
+                    ceiling = match[0]["ensemble_delta"] if match[0]["teacher"] is not None else ceiling
+                    cells.append(" / ".join(f"{curve[e - 1]:+.2f}" if e <= len(curve) else "·" for e in epochs))
+                else:
+                    cells.append("")
+            print(f"| {student} ← {teacher} ({ceiling:+.2f}) | {lr:g} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> None:
@@ -123,6 +147,10 @@ def main(argv=None) -> None:
     draw.add_argument("results")
     draw.add_argument("figure")
     draw.set_defaults(func=plot)
+    show = commands.add_parser("table", help="print a markdown table of a results file")
+    show.add_argument("results")
+    show.add_argument("--epochs", default="3,10,30", help="the epochs to show, comma-separated")
+    show.set_defaults(func=table)
     args = parser.parse_args(argv)
     args.func(args)
 

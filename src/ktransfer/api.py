@@ -99,8 +99,8 @@ class TransferResult:
         ``native`` (the default): where the student's own library loads it in one line. A
         Hugging Face student (``hf:``) becomes a ``save_pretrained`` folder (``path`` without its
         suffix), with its image processor; a timm or torchvision student a safetensors state dict with
-        the library's own keys (``timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH))``, or ``load_state_dict``). ``ktransfer``: a safetensors
+        the library's own keys (``timm.create_model(name, pretrained=True, num_classes=N,
+        pretrained_cfg_overlay=dict(file=PATH, num_classes=N))``, or ``load_state_dict``). ``ktransfer``: a safetensors
         checkpoint in ktransfer's keys. Both safetensors files also record the architecture, so
         ``ktransfer.load_model(PATH)`` (``--student PATH``) rebuilds the student where its spec allows.
         """
