@@ -101,7 +101,13 @@ def test_the_cli_has_one_option_per_setting_with_one_spelling():
             assert flag not in help_text
         else:
             assert flag in help_text, flag
-    assert "--top-k" not in help_text and "--no-controls" not in help_text
+    # one spelling across commands: the cache's top-k and the controls switch read the same everywhere
+    runner = CliRunner()
+    for command, flags in {"precompute": ["--cache-top-k", "--cache-dtype"], "study": ["--controls / --no-controls"], "demo": ["--controls / --no-controls"]}.items():
+        text = runner.invoke(main, [command, "--help"], terminal_width=200).output
+        assert all(flag in text for flag in flags), (command, text)
+        assert "--top-k " not in text.replace("--cache-top-k", "")
+    assert "--controls / --no-controls" in help_text
 
 
 def test_an_unknown_setting_is_answered_with_the_nearest_name(tiny_data):

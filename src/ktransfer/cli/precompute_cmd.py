@@ -18,7 +18,7 @@ from .options import data_dir_option
 @click.option("--seed", "seeds", type=int, multiple=True, help="The transfers' seed (the views follow it); repeat for several.  [default: 0]")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Epochs to cache; a longer transfer later adds the missing ones.")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="float32 reproduces online targets exactly; float16 takes half the disk (rounding of the targets only).")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, metavar="K", help="Keep only each view's K largest logits with their classes (about C/(2K) times less disk in float16); transfers then need --cache-top-k K.")
+@click.option("--cache-top-k", "top_k", type=click.IntRange(min=0), default=0, show_default=True, metavar="K", help="Keep only each view's K largest logits with their classes (about C/(2K) times less disk in float16); transfers read them with the same --cache-top-k K.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The prediction cache folder (default: $KTRANSFER_CACHE/predictions, where transfers look).")
 @click.option("--check", "check_samples", type=click.IntRange(min=1), default=None, metavar="N", help="Also recompute N random cached entries per epoch and compare them with the stored ones.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)

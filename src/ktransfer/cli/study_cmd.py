@@ -16,9 +16,9 @@ from .options import data_dir_option
 @click.option("--device", default=None, help="Torch device for the runs, e.g. cuda (default: the config's, else cpu).")
 @click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default=None, help="Where the runs execute: local (this process, one after another; the default unless the config says otherwise), processes (worker processes on this machine, as many as its CPUs hold at cpus_per_run threads each; no extra needed) or ray (Ray tasks, several at a time; needs ktransfer[ray]). See docs/scale.md.")
 @click.option("--address", default=None, help="With --executor ray: the address of a running Ray cluster (default: start a local Ray instance sized to this machine).")
-@click.option("--no-controls", is_flag=True, help="Skip the ce and self controls (by default each runs once per student, learning rate and seed; the config's 'controls' key chooses them).")
+@click.option("--controls/--no-controls", default=None, help="--no-controls skips the ce and self controls (by default the config's 'controls' key chooses them: both, once per student, learning rate and seed).")
 @data_dir_option
-def study_command(config, out, show_status, retry_failed, device, executor, address, no_controls, data_dir):
+def study_command(config, out, show_status, retry_failed, device, executor, address, controls, data_dir):
     """Run a study: every student × teacher × method × seed of CONFIG, stored run by run.
 
     CONFIG is a YAML (or JSON) file, or a study folder (it keeps a copy of its config). Each
@@ -33,7 +33,7 @@ def study_command(config, out, show_status, retry_failed, device, executor, addr
     from ..study import Study
 
     study = Study.open(config, out, data_dir=data_dir)
-    if no_controls:
+    if controls is False:
         study.config.controls = []
     console = output_console(highlight=False)
     if show_status:
