@@ -301,8 +301,8 @@ def resolve_run(method: str | Method, settings: TransferSettings | None, method_
         method = create_method(method, **params)
     elif params:
         raise ConfigError("pass hyperparameters either to create_method or to transfer (method_params), not both")
-    settings = (settings or TransferSettings()).replace(**changes) if changes else (settings or TransferSettings())
-    return method, settings
+    settings = settings or TransferSettings()
+    return method, settings.replace(**changes) if changes else settings
 
 
 def method_hyperparameters(method: str | Method) -> list[str]:

@@ -28,6 +28,7 @@ from .methods.base import Method, StepInputs
 from .metrics import accuracy, transfer_metrics
 from .models.base import Model
 from .predictions import compute_logits
+from .settings import SCHEDULES, SWITCHES, check_training
 from .targets import CachedTargets, OnlineTargets, TargetSource
 
 if TYPE_CHECKING:
@@ -60,16 +61,9 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the wiring without generating code)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1; got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be a positive number; got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1; got {self.batch_size}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must lie in [0, 1); got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
+        if self.lr is None:
+            raise ConfigError("the learning rate must be given")
+        check_training(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         check_augment(self.augment)
@@ -85,8 +79,6 @@ class TrainConfig:
         return self.lr
 
 
-SCHEDULES = ("constant", "cosine")
-SWITCHES = ("auto", "on", "off")
 
 
 def is_conv_net(module: torch.nn.Module) -> bool:

@@ -88,16 +88,7 @@ class TransferSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
 
     def _validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1; got {self.epochs}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be a positive number; got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1; got {self.batch_size}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must lie in [0, 1); got {self.momentum}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ConfigError(f"weight decay must not be negative; got {self.weight_decay}")
+        check_training(self.epochs, self.lr, self.batch_size, self.momentum, self.weight_decay)
         if not 0 < self.guard_holdout < 1:
             raise ConfigError(f"guard_holdout is the share of the transfer data held out for the guard and must lie in (0, 1); got {self.guard_holdout}")
         if self.cache_top_k is not None and self.cache_top_k < 0:
@@ -110,6 +101,20 @@ class TransferSettings:
             raise ConfigError("checkpoint_every and keep_checkpoints need checkpoint_dir, the folder to write checkpoints into")
         if self.amp_frozen and not self.amp:
             raise ConfigError("amp_frozen runs the frozen models under amp's autocast: set amp too")
+
+
+def check_training(epochs: int, lr: float | None, batch_size: int, momentum: float, weight_decay: float) -> None:
+    """The optimiser's numbers, checked alike for a transfer's settings and the engine's ``TrainConfig`` (``lr`` None: the method's default)."""
+    if epochs < 1:
+        raise ConfigError(f"epochs must be at least 1; got {epochs}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"learning rate must be a positive number; got {lr}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1; got {batch_size}")
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must lie in [0, 1); got {momentum}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ConfigError(f"weight decay must not be negative; got {weight_decay}")
 
 
 # The settings every transfer record holds under their own names, which a control and the transfers it is
@@ -172,16 +177,14 @@ def _coerce(f: dataclasses.Field, value):
                 raise ValueError
             value = float(value)
         elif kind is str:
-            value = str(value) if isinstance(value, (str, Path)) else _fail()
+            if not isinstance(value, (str, Path)):
+                raise ValueError
+            value = str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{f.name}={value!r} is not a valid {kind.__name__}") from None
     if choices and value not in choices:
         raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
     return value
-
-
-def _fail():
-    raise ValueError
 
 
 _OPTIONAL_KINDS = {"lr": float, "targets": str, "cache_dtype": str, "cache_top_k": int, "checkpoint_dir": str, "checkpoint_every": int, "checkpoint_minutes": float}
