@@ -292,14 +292,15 @@ class SearchConfig(_Section):
 
 
 EXECUTORS = ("local", "processes", "ray")
-# Settings of ktransfer.TransferSettings that a study config sets at its top level beyond those its runs'
-# keys have always held (epochs, lr, batch_size, seed, targets, augment, guard, device), and those a study refuses.
-IDENTITY_EXTRAS = ("momentum", "weight_decay", "schedule", "cache_dtype", "cache_top_k", "guard_holdout", "amp", "amp_frozen")
-RUNTIME_SETTINGS = ("channels_last", "prefetch", "compile")
+# The settings of ktransfer.TransferSettings a study refuses, and the one it spells as a list.
 _CHECKPOINTS = "a study resumes by its store (a rerun redoes only the runs not finished), not by per-run checkpoints; leave it out"
-# A study runs every seed of a list: the setting seed is its key seeds.
-STUDY_LISTS = {"seed": "seeds"}
 STUDY_REFUSES = {key: _CHECKPOINTS for key in ("checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints")}
+STUDY_LISTS = {"seed": "seeds"}  # a study runs every seed of a list
+# The fields a RunSpec has always held (its key is made of them); every other setting a study config sets at
+# its top level: those that change a run's result enter its key where not the default, the speed switches do not.
+_RUN_SPEC_SETTINGS = ("epochs", "lr", "batch_size", "seed", "targets", "augment", "guard", "device")
+IDENTITY_EXTRAS = tuple(name for name in TransferSettings().identity() if name not in _RUN_SPEC_SETTINGS)
+RUNTIME_SETTINGS = tuple(name for name in TransferSettings.names() if name not in (*TransferSettings().identity(), *_RUN_SPEC_SETTINGS, *STUDY_REFUSES))
 
 
 class StudyConfig(_Section):
