@@ -28,37 +28,37 @@ CACHE_DTYPES = ("float16", "float32")
 AUGMENTS = ("none", "paper")
 
 
-def _setting(default, help: str, group: str, identity: bool = True, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "group": group, "identity": identity, "choices": choices})
+def _setting(default, help: str, identity: bool = True, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "identity": identity, "choices": choices})
 
 
 @dataclass(frozen=True)
 class TransferSettings:
     """The settings of one transfer (and of its controls, which must share them)."""
 
-    epochs: int = _setting(3, "Passes over the transfer data.", "training")
-    lr: float | None = _setting(None, "SGD learning rate (default: the method's paper value).", "training")
-    batch_size: int = _setting(128, "Images per optimiser step (under torchrun: the global batch).", "training")
-    momentum: float = _setting(0.9, "SGD momentum.", "training")
-    weight_decay: float = _setting(1e-3, "SGD weight decay.", "training")
-    seed: int = _setting(0, "Seed of the batch order and the augmentation.", "training")
-    schedule: str = _setting("constant", "Learning-rate schedule: constant (the paper's) or cosine (annealed to 0 over all steps).", "training", choices=SCHEDULES)
-    augment: str = _setting("none", "paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.", "training", choices=AUGMENTS)
-    targets: str | None = _setting(None, "cached: the frozen models' outputs computed once (the default without augmentation); online: computed per batch (the default with augmentation); views (with augment paper): the outputs on each augmented view, computed once into the prediction cache and reused by every run on the same views.", "targets", choices=TARGETS)
-    cache_dtype: str | None = _setting(None, "With targets views: how the cached outputs are stored; float32 reproduces online targets exactly (default: float16).", "targets", choices=CACHE_DTYPES)
-    cache_top_k: int | None = _setting(None, "With targets views: keep only each view's K largest logits (the target renormalised over them; 0, the default: every class).", "targets")
-    device: str = _setting("cpu", "Where the models run: cpu, cuda, cuda:N or mps.", "device", identity=False)
-    amp: bool = _setting(False, "bfloat16 autocast for the student's forward pass and the loss (on a GPU: faster, less memory).", "device")
-    amp_frozen: bool = _setting(False, "With amp, also run the teachers and the original student under autocast (routing still reads float32 copies of their logits).", "device")
-    channels_last: str = _setting("auto", "Channels-last memory for the models and batches; auto: on for conv nets on CUDA.", "device", identity=False, choices=SWITCHES)
-    prefetch: str = _setting("auto", "auto: on CUDA, copy the next batch from pinned memory while the step runs.", "device", identity=False, choices=SWITCHES)
-    compile: bool = _setting(False, "torch.compile the student and the frozen models (the first steps then take longer).", "device", identity=False)
-    guard: bool = _setting(False, "No-regression guard: score the student after every epoch on validation data and keep the best of the original and each epoch's student (docs/guard.md).", "guard")
-    guard_holdout: float = _setting(0.1, "The guard without validation data: the stratified share of the transfer data held out of training (default: 0.1).", "guard")
-    checkpoint_dir: str | None = _setting(None, "Folder for checkpoints (one at the end of every epoch); the same call again resumes from the newest.", "checkpoints", identity=False)
-    checkpoint_every: int | None = _setting(None, "Also checkpoint every N optimiser steps.", "checkpoints", identity=False)
-    checkpoint_minutes: float | None = _setting(10.0, "Also checkpoint when this many minutes have passed since the last (default: 10).", "checkpoints", identity=False)
-    keep_checkpoints: bool = _setting(False, "Keep the checkpoints after the run finishes (by default they are removed then).", "checkpoints", identity=False)
+    epochs: int = _setting(3, "Passes over the transfer data.")
+    lr: float | None = _setting(None, "SGD learning rate (default: the method's paper value).")
+    batch_size: int = _setting(128, "Images per optimiser step (under torchrun: the global batch).")
+    momentum: float = _setting(0.9, "SGD momentum.")
+    weight_decay: float = _setting(1e-3, "SGD weight decay.")
+    seed: int = _setting(0, "Seed of the batch order and the augmentation.")
+    schedule: str = _setting("constant", "Learning-rate schedule: constant (the paper's) or cosine (annealed to 0 over all steps).", choices=SCHEDULES)
+    augment: str = _setting("none", "paper: the paper's augmentation of transfer batches (flip, colour distortion, grayscale; flip and shift on 1-channel images), the same view for teacher, original student and student.", choices=AUGMENTS)
+    targets: str | None = _setting(None, "cached: the frozen models' outputs computed once (the default without augmentation); online: computed per batch (the default with augmentation); views (with augment paper): the outputs on each augmented view, computed once into the prediction cache and reused by every run on the same views.", choices=TARGETS)
+    cache_dtype: str | None = _setting(None, "With targets views: how the cached outputs are stored; float32 reproduces online targets exactly (default: float16).", choices=CACHE_DTYPES)
+    cache_top_k: int | None = _setting(None, "With targets views: keep only each view's K largest logits (the target renormalised over them; 0, the default: every class).")
+    device: str = _setting("cpu", "Where the models run: cpu, cuda, cuda:N or mps.", identity=False)
+    amp: bool = _setting(False, "bfloat16 autocast for the student's forward pass and the loss (on a GPU: faster, less memory).")
+    amp_frozen: bool = _setting(False, "With amp, also run the teachers and the original student under autocast (routing still reads float32 copies of their logits).")
+    channels_last: str = _setting("auto", "Channels-last memory for the models and batches; auto: on for conv nets on CUDA.", identity=False, choices=SWITCHES)
+    prefetch: str = _setting("auto", "auto: on CUDA, copy the next batch from pinned memory while the step runs.", identity=False, choices=SWITCHES)
+    compile: bool = _setting(False, "torch.compile the student and the frozen models (the first steps then take longer).", identity=False)
+    guard: bool = _setting(False, "No-regression guard: score the student after every epoch on validation data and keep the best of the original and each epoch's student (docs/guard.md).")
+    guard_holdout: float = _setting(0.1, "The guard without validation data: the stratified share of the transfer data held out of training (default: 0.1).")
+    checkpoint_dir: str | None = _setting(None, "Folder for checkpoints (one at the end of every epoch); the same call again resumes from the newest.", identity=False)
+    checkpoint_every: int | None = _setting(None, "Also checkpoint every N optimiser steps.", identity=False)
+    checkpoint_minutes: float | None = _setting(10.0, "Also checkpoint when this many minutes have passed since the last (default: 10).", identity=False)
+    keep_checkpoints: bool = _setting(False, "Keep the checkpoints after the run finishes (by default they are removed then).", identity=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
