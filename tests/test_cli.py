@@ -156,3 +156,18 @@ def test_demo_new_data_setting_transfers_on_the_unseen_images(small_fashion_mnis
     assert [r["delta"] for r in payload["records"]] == [record["delta"]] and payload["summary"]["kl_dp"]["pairs"] == 1
     assert "Per method" in plain.stderr and "…" not in plain.stderr
     one_line_error(run("demo", "--seeds", "0,x", "--out", out, "--data-dir", small_fashion_mnist), "seeds must be comma-separated integers")
+
+
+def test_a_long_spec_makes_a_file_name_any_file_system_takes(tmp_path):
+    # a student given by a long path or query once made a name (and its temporary twin) past the 255-byte limit
+    from ktransfer.cli.transfer_cmd import file_name
+    from ktransfer.paths import atomic_path
+
+    spec = "pkg.models:factory?root=" + "d/" * 150
+    name = file_name(f"{spec}-from-zoo:mlp-kl_dp")
+    assert len(name.encode()) <= 200 and name.startswith("pkg.models_factory_root-d_d_") and name != file_name(f"{spec}x-from-zoo:mlp-kl_dp")
+    assert file_name("zoo:cnn-from-zoo:mlp-kl_dp") == "zoo_cnn-from-zoo_mlp-kl_dp"  # short names as they were
+    target = tmp_path / f"{name}.safetensors"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"weights")
+    assert target.read_bytes() == b"weights" and [p.name for p in tmp_path.iterdir()] == [target.name]

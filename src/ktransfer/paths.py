@@ -28,7 +28,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # The name's first 100 characters: a long name plus the suffix would pass the file system's 255-byte limit.
+    tmp = path.with_name(f".{path.name[:100]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         sync_file(tmp)

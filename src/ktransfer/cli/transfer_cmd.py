@@ -217,8 +217,14 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, orde
     click.echo(f"student saved to {weights}; record appended to {out / 'results.jsonl'}")
 
 
-def file_name(text: str) -> str:
-    """A model spec turned into a file name: no path separators or URL-query characters."""
+def file_name(text: str, limit: int = 200) -> str:
+    """A model spec turned into a file name: no path separators or URL-query characters, and short enough for
+    any file system (a longer one keeps its start and ends in a hash of the whole)."""
+    import hashlib
+
+    whole = text
     for character, replacement in ((":", "_"), ("/", "_"), ("?", "_"), ("&", "_"), ("=", "-")):
         text = text.replace(character, replacement)
+    if len(text.encode()) > limit:
+        text = text.encode()[: limit - 17].decode(errors="ignore") + "-" + hashlib.blake2b(whole.encode(), digest_size=8).hexdigest()
     return text
