@@ -186,3 +186,8 @@ def test_a_study_run_trains_with_the_study_settings(small_fashion_mnist, tiny_zo
     study.run(log=lambda line: None)
     (record,) = [json.loads(line) for line in (tmp_path / "s" / "results.jsonl").read_text().splitlines()]
     assert (record["momentum"], record["schedule"], record["weight_decay"]) == (0.5, "cosine", 0.0)
+
+
+def test_a_study_refuses_cache_options_its_targets_would_ignore_as_a_transfer_does():
+    with pytest.raises(ConfigError, match=r"^config: cache_top_k \(--cache-dtype, --cache-top-k\) set how targets views stores the frozen outputs, but this run's targets are cached"):
+        StudyConfig.from_dict({"students": ["zoo:mlp", "zoo:cnn"], "methods": ["kl_dp"], "cache_top_k": 3})

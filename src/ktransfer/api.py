@@ -27,7 +27,7 @@ from .models.base import Model, as_model
 from .paths import atomic_path
 from .predictions import PredictionCache
 from .settings import TransferSettings, unknown_phrase
-from .targets import CachedTargets, OnlineTargets, resolve_targets
+from .targets import CachedTargets, OnlineTargets, refuse_view_options, resolve_targets
 from .view_cache import ViewCachedTargets
 
 
@@ -381,10 +381,8 @@ def view_storage(targets: str, cache_dtype: str | None, cache_top_k: int | None,
     ``top_k`` above the cache's: the classes the cache dropped read back tied, so the method would
     pick its extra classes among them arbitrarily.
     """
+    refuse_view_options(targets, cache_dtype, cache_top_k)
     if targets != "views":
-        given = [name for name, value in (("cache_dtype", cache_dtype), ("cache_top_k", cache_top_k)) if value is not None]
-        if given:
-            raise ConfigError(f"{' and '.join(given)} (--cache-dtype, --cache-top-k) set how targets views stores the frozen outputs, but this run's targets are {targets}: use targets views (with augment paper) or leave them out")
         return "float16", 0
     dtype, top_k = cache_dtype if cache_dtype is not None else "float16", cache_top_k if cache_top_k is not None else 0
     method_top_k = getattr(getattr(method, "params", None), "top_k", 0) or 0

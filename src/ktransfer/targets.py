@@ -23,6 +23,15 @@ from .predictions import PredictionCache
 TARGET_MODES = ("cached", "online", "views")
 
 
+def refuse_view_options(targets: str, cache_dtype: str | None, cache_top_k: int | None) -> None:
+    """``cache_dtype``/``cache_top_k`` set how targets views stores the frozen outputs: refused with any other targets, where they would be ignored."""
+    if targets == "views":
+        return
+    given = [name for name, value in (("cache_dtype", cache_dtype), ("cache_top_k", cache_top_k)) if value is not None]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} (--cache-dtype, --cache-top-k) set how targets views stores the frozen outputs, but this run's targets are {targets}: use targets views (with augment paper) or leave them out")
+
+
 def resolve_targets(targets: str | None, augment: str = "none", where: str = "targets") -> str:
     """The target mode a run uses: ``targets`` as given, or, when not given, cached where that is exact.
 

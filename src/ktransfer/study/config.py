@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..extras import require
 from ..methods import create_method
 from ..settings import TransferSettings
-from ..targets import resolve_targets
+from ..targets import refuse_view_options, resolve_targets
 from .sources import DATA_SOURCES, StudyData, same_images
 from .store import CONFIG_FILE
 
@@ -393,8 +393,7 @@ class StudyConfig(_Section):
         self.seeds = list(dict.fromkeys(self.seeds))
         try:
             self.targets = resolve_targets(self.targets, self.augment)
-            if self.targets != "views" and (self.cache_dtype is not None or self.cache_top_k is not None):
-                raise ConfigError(f"cache_dtype and cache_top_k set how targets views stores the frozen outputs, but the study's targets are {self.targets}: set targets: views (with augment: paper) or leave them out")
+            refuse_view_options(self.targets, self.cache_dtype, self.cache_top_k)
             TransferSettings(**self.run_settings(), **self.runtime_settings())  # every combination checked now, not in the first run
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
