@@ -31,6 +31,7 @@ import torch
 
 from ktransfer.data.base import ImageData
 from ktransfer.engine import Engine, TrainConfig, uses_channels_last
+from ktransfer.engine.callbacks import Progress
 from ktransfer.methods import create_method
 from ktransfer.models.base import Model, Preprocess
 from ktransfer.predictions import PredictionCache
@@ -81,8 +82,9 @@ def timed_epoch(engine: Engine, device: str, warmup: int) -> float:
                 torch.cuda.synchronize(device)
             marks["start"] = time.perf_counter()
 
-    engine.on_step = on_step
+    engine.callbacks.append(Progress(on_step))
     engine.train_epoch()
+    engine.callbacks.pop()
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - marks["start"]
@@ -98,7 +100,7 @@ def syncs_per_step(build, data: ImageData, batch: int, device: str) -> str:
     engine, counts = build(small), {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.on_step = lambda step, total: counts.setdefault(step, sum("synchroniz" in str(w.message) for w in caught))
+        engine.callbacks.append(Progress(lambda step, total: counts.setdefault(step, sum("synchroniz" in str(w.message) for w in caught))))
         torch.cuda.set_sync_debug_mode("warn")
         try:
             engine.train_epoch()

@@ -52,7 +52,7 @@ class Shard:
 
     full: torch.Tensor  # its shares of the full global batches, one after the other
     last: torch.Tensor | None  # its share of a short last batch (or a stand-in); None when there is none
-    weights: list[float]  # each step's loss weight, the last batch's included
+    weights: list[float] | None  # each step's loss weight, the last batch's included (None: one process, no weighting)
 
 
 @dataclass
@@ -197,6 +197,80 @@ class Ranks:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+    # --- what the engine asks of any process group (OneProcess answers the same for one process) --
+
+    @property
+    def stops_on_ctrl_c(self) -> bool:
+        """Under torchrun the ranks would stop at different steps: Ctrl-C stops them, and the last checkpoint resumes."""
+        return False
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise ConfigError(f"batch size {batch_size} must be a multiple of the {self.world_size} processes, each of which takes an equal share of every batch")
+
+    def check_method(self, method, extra_parameters: list) -> None:
+        check_distributable(method, extra_parameters)
+
+    def eval_share(self, data):
+        """This rank's samples of the evaluation data (see :meth:`eval_indices`)."""
+        return data.subset(self.eval_indices(len(data)), data.name)
+
+    def summed(self, sums: dict) -> dict:
+        """An epoch's running sums (``loss``, ``stats``) over all ranks, as one process has them; ``sums`` is left alone."""
+        stats = {key: self.sum(torch.as_tensor(value, dtype=torch.float32, device=sums["loss"].device)) for key, value in sums["stats"].items()}
+        return {**sums, "loss": self.sum(sums["loss"]), "stats": stats}
+
+
+class OneProcess:
+    """A run in this process alone, behind the interface of :class:`Ranks`: the engine's loop reads the
+    same whether one process trains or torchrun's several do. Every collective is the identity."""
+
+    rank, world_size, local_rank, is_main = 0, 1, 0, True
+    stops_on_ctrl_c = True
+
+    def device(self, device: str) -> str:
+        return device
+
+    def wrap(self, module: nn.Module, device: str) -> nn.Module:
+        return module
+
+    def check_batch_size(self, batch_size: int) -> None:
+        pass
+
+    def check_method(self, method, extra_parameters: list) -> None:
+        pass
+
+    def shard(self, order: torch.Tensor, batch_size: int) -> Shard:
+        return Shard(order, None, None)  # no weights: the loss stays as the method computed it
+
+    def subset_divisor(self, weight):
+        return None
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def summed(self, sums: dict) -> dict:
+        return dict(sums)
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
+    def from_main(self, value):
+        return value
+
+    def sync_module(self, module: nn.Module) -> None:
+        pass
+
+    def eval_share(self, data):
+        return data
+
+    def gather_by_index(self, local: torch.Tensor, size: int) -> torch.Tensor:
+        return local
+
+    def barrier(self) -> None:
+        pass
 
 
 def _destroy_group() -> None:
