@@ -376,7 +376,7 @@ def stratified_subset(labels: torch.Tensor, fraction: float | None = None, per_c
     return by_class[rank < take[sorted_labels]].sort().values
 
 
-def subset_index(source: ImageData | FolderListing, indices: torch.Tensor, *, fraction: float | None, per_class: int | None, seed: int) -> dict:
+def subset_index(source: ImageData | ImageListing, indices: torch.Tensor, *, fraction: float | None, per_class: int | None, seed: int) -> dict:
     """A JSON-ready record of a subset that :func:`apply_subset_index` turns back into the same subset."""
     labels = source.labels[indices]
     counts = torch.bincount(labels, minlength=source.num_classes).tolist()
@@ -405,7 +405,7 @@ def subset_name(name: str, fraction: float | None, per_class: int | None, seed: 
 
 
 def make_subset(source, fraction: float | None = None, per_class: int | None = None, seed: int = 0):
-    """``(subset, index_record)``: the stratified subset of an :class:`ImageData` or :class:`FolderListing`."""
+    """``(subset, index_record)``: the stratified subset of an :class:`ImageData` or an :class:`ImageListing`."""
     indices = stratified_subset(source.labels, fraction, per_class, seed, source.num_classes)
     record = subset_index(source, indices, fraction=fraction, per_class=per_class, seed=seed)
     return source.subset(indices, subset_name(source.name, fraction, per_class, seed)), record
