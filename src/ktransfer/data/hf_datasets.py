@@ -89,19 +89,23 @@ class DatasetListing(ImageListing):
 
     def identify(self, digest) -> None:
         """The dataset's fingerprint (``datasets``' own identity of its table and the transforms that made it),
-        its files' paths, sizes and modification times, the image column and the rows."""
-        digest.update(f"{self.dataset._fingerprint}|{self.image_column}\n".encode())
+        the image column, the rows, and the dataset's files' paths, sizes and modification times."""
+        self._identify_rows(digest)
         for cache_file in self.dataset.cache_files:
             stat = os.stat(cache_file["filename"])
             digest.update(f"{cache_file['filename']}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        digest.update(self.rows.numpy().tobytes())
 
     def fingerprint(self) -> str:
-        """A short hash of the labels and the rows' identity: what a saved subset index is checked against."""
+        """A short hash of the labels and the rows' identity, not of where the dataset lies: what a saved
+        subset index is checked against, so that it holds for a copy of the dataset too."""
         digest = hashlib.blake2b(digest_size=10)
         digest.update(self.labels.numpy().tobytes())
-        self.identify(digest)
+        self._identify_rows(digest)
         return digest.hexdigest()
+
+    def _identify_rows(self, digest) -> None:
+        digest.update(f"{self.dataset._fingerprint}|{self.image_column}\n".encode())
+        digest.update(self.rows.numpy().tobytes())
 
     def subset(self, indices: Sequence[int] | torch.Tensor, name: str) -> "DatasetListing":
         index = torch.as_tensor(indices, dtype=torch.long)
