@@ -12,11 +12,13 @@ SUBSET_INDEX_FILE = "transfer-subset.json"
 
 
 def data_options(command):
-    """Add --data, --transfer-data/--eval-data, the subset options and the folder-reading options."""
+    """Add --data, --transfer-data/--eval-data, a Hugging Face dataset's columns, the subset options and the folder-reading options."""
     options = [
-        click.option("--data", "data_spec", default=None, metavar="SPEC", help="fashion-mnist (the default) or folder:PATH, where PATH holds train/ (transfer) and val/ (evaluation), one subfolder per class."),
-        click.option("--transfer-data", default=None, metavar="SPEC", help="Transfer (training) data on its own: folder:PATH of class subfolders, or fashion-mnist[:transfer|validation|test|pool] (transfer: a stratified 20% of the zoo's pool; validation: the 10k training images the zoo never saw)."),
+        click.option("--data", "data_spec", default=None, metavar="SPEC", help="fashion-mnist (the default); folder:PATH, where PATH holds train/ (transfer) and val/ (evaluation), one subfolder per class; or a Hugging Face dataset with a train and a validation split: hf-disk:PATH (saved with save_to_disk) or hf-imagefolder:PATH (read by datasets' imagefolder loader)."),
+        click.option("--transfer-data", default=None, metavar="SPEC", help="Transfer (training) data on its own: folder:PATH of class subfolders, hf-disk:PATH or hf-imagefolder:PATH (a Dataset, or a DatasetDict's train split), or fashion-mnist[:transfer|validation|test|pool] (transfer: a stratified 20% of the zoo's pool; validation: the 10k training images the zoo never saw)."),
         click.option("--eval-data", default=None, metavar="SPEC", help="Evaluation data on its own, as --transfer-data; its classes must be among the transfer data's."),
+        click.option("--image-column", default=None, metavar="NAME", help="hf-disk:/hf-imagefolder: data: the column of images (default: the one datasets.Image column)."),
+        click.option("--label-column", default=None, metavar="NAME", help="hf-disk:/hf-imagefolder: data: the column of labels (default: the one ClassLabel column, whose names are the class names; an integer column gives the classes 0..K-1)."),
         click.option("--subset", default=None, metavar="FRACTION|INDEX.json", help=f"Train on a stratified subset of the transfer data: a fraction per class (the paper: 0.1), or a saved index to reuse. The index is saved as {SUBSET_INDEX_FILE} in --out."),
         click.option("--subset-per-class", type=click.IntRange(min=1), default=None, metavar="N", help="Stratified subset with N images of each class (all of a class that has fewer)."),
         click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of the subset draw."),
@@ -30,16 +32,16 @@ def data_options(command):
     return command
 
 
-def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, transfer_data=None, eval_data=None, subset=None, subset_per_class=None, subset_seed=0, image_size=None, workers=None, skip_corrupt=False, stream=None, subset_role="transfer", index_file=SUBSET_INDEX_FILE):
+def load_cli_data(models, out: Path | None, data_dir=None, *, data_spec=None, transfer_data=None, eval_data=None, image_column=None, label_column=None, subset=None, subset_per_class=None, subset_seed=0, image_size=None, workers=None, skip_corrupt=False, stream=None, subset_role="transfer", index_file=SUBSET_INDEX_FILE):
     """Transfer and evaluation data for ``models``: the raw image size and channels follow their preprocessing."""
     from ..data.sources import choose_subset, materialize, open_sources, raw_channels, raw_image_size
 
     given = [spec for spec in (transfer_data, eval_data) if spec is not None]
     if data_spec is None and len(given) < 2:
         if any(not spec.startswith("fashion-mnist") for spec in given):
-            raise ConfigError("give --transfer-data and --eval-data together (or --data folder:PATH with train/ and val/ inside)")
+            raise ConfigError("give --transfer-data and --eval-data together (or --data folder:PATH with train/ and val/ inside, or --data hf-disk:PATH with a train and a validation split)")
         data_spec = "fashion-mnist"
-    transfer, evaluation = open_sources(data_spec, transfer_data, eval_data, data_dir)
+    transfer, evaluation = open_sources(data_spec, transfer_data, eval_data, data_dir, image_column=image_column, label_column=label_column)
     index_path = out / index_file if out is not None else None
     transfer, record = choose_subset(transfer, subset, subset_per_class, subset_seed, index_path)
     if record is not None:
@@ -73,11 +75,11 @@ def guard_val_spec(val_data: str | None, data_spec: str | None, transfer_data: s
     return None
 
 
-def load_cli_validation(spec: str, models, transfer_set, data_dir=None, *, image_size=None, workers=None, skip_corrupt=False, stream=None, **_):
+def load_cli_validation(spec: str, models, transfer_set, data_dir=None, *, image_size=None, workers=None, skip_corrupt=False, stream=None, image_column=None, label_column=None, **_):
     """The guard's validation data from a spec, read like the transfer data and in its label space."""
     from ..data.sources import materialize, open_split, raw_channels, raw_image_size
 
-    source = open_split(spec, "eval", list(transfer_set.class_names), data_dir)
+    source = open_split(spec, "eval", list(transfer_set.class_names), data_dir, image_column=image_column, label_column=label_column)
     if list(source.class_names) != list(transfer_set.class_names):
         raise ConfigError(f"--val-data {spec} has other classes than the transfer data; the guard's validation data must share its label space")
     preprocesses = [model.preprocess for model in models]

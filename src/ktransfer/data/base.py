@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -105,13 +105,22 @@ def stratified_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.
     return chosen, torch.nonzero(mask).reshape(-1)
 
 
+# Readers of other libraries' datasets, each with the test that recognises their objects: data.hf_datasets
+# adds Hugging Face's. A table here, so that this module imports neither the readers nor those libraries.
+DATASET_READERS: list[tuple[Callable[[object], bool], Callable[[object, str, Sequence[str] | None], ImageData]]] = []
+
+
 def as_image_data(data, name: str, class_names: Sequence[str] | None = None) -> ImageData:
-    """Accept an :class:`ImageData`, a pair ``(images, labels)`` or a ``Dataset`` of ``(image, label)``."""
+    """Accept an :class:`ImageData`, a pair ``(images, labels)``, a ``Dataset`` of ``(image, label)``
+    or a Hugging Face ``datasets.Dataset`` (its image and label columns found by their features)."""
     if isinstance(data, ImageData):
         return data
     # Data streamed from disk (data.folder.FolderImageData) offers the same batches/labels/fingerprint.
     if callable(getattr(data, "batches", None)) and callable(getattr(data, "fingerprint", None)) and hasattr(data, "class_names"):
         return data
+    for recognises, read in DATASET_READERS:
+        if recognises(data):
+            return read(data, name, class_names)
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         images, labels = data
     elif isinstance(data, Dataset):
@@ -125,8 +134,8 @@ def as_image_data(data, name: str, class_names: Sequence[str] | None = None) -> 
         labels = torch.as_tensor([int(label) for _, label in items])
     else:
         raise DataError(
-            f"{name}: expected a pair of tensors (images, labels), a torch Dataset of (image, label) "
-            f"or ktransfer.ImageData; got {type(data).__name__}"
+            f"{name}: expected a pair of tensors (images, labels), a torch Dataset of (image, label), "
+            f"a datasets.Dataset or ktransfer.ImageData; got {type(data).__name__}"
         )
     labels = torch.as_tensor(labels).long()
     if class_names is None:

@@ -6,6 +6,9 @@ and every model's :class:`~ktransfer.models.Preprocess` crops, resizes and norma
 batch its own way. The raw images live in memory as an :class:`ImageData` when they fit
 (``in_memory``), else :class:`FolderImageData` decodes them per batch with worker processes.
 Both give the engine the same ``batches(order, batch_size)``.
+
+What is decoded is an :class:`ImageListing`: the files of a folder (:class:`FolderListing`) or the
+rows of a Hugging Face dataset (``data.hf_datasets.DatasetListing``), read the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import hashlib
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +50,43 @@ def _require_pillow():
 # ------------------------------------------------------------------------------------ listing
 
 
+class ImageListing(ABC):
+    """Encoded images and their labels, before any image is decoded: per sample, something PIL opens.
+
+    Besides the methods below, a listing has ``labels`` (int64 ``[N]``), ``class_names``, ``name``
+    (where the data came from, as the user named it) and ``location`` (the place its failures are
+    reported in: a folder, a dataset).
+    """
+
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def open(self, index: int) -> Path | BinaryIO:
+        """Sample ``index`` as ``PIL.Image.open`` takes it: a file's path, or its bytes as a binary file."""
+
+    @abstractmethod
+    def describe(self, index: int) -> str:
+        """Sample ``index`` in an error message: its file, its row."""
+
+    @abstractmethod
+    def identify(self, digest) -> None:
+        """Feed ``digest`` (a hashlib object) what changes when a sample's image does, cheaply (no decoding)."""
+
+    @abstractmethod
+    def subset(self, indices: Sequence[int] | torch.Tensor, name: str) -> "ImageListing":
+        """The listing of the samples ``indices``, in that order, named ``name``."""
+
+
 @dataclass
-class FolderListing:
+class FolderListing(ImageListing):
     """The files of an image folder and their labels: what a folder holds, before any image is decoded."""
 
     root: Path
@@ -56,12 +95,21 @@ class FolderListing:
     class_names: list[str]
     name: str
 
-    def __len__(self) -> int:
-        return len(self.files)
-
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def location(self) -> str:
+        return str(self.root)
+
+    def open(self, index: int) -> Path:
+        return self.root / self.files[index]
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+    def identify(self, digest) -> None:
+        """Every file's path, size and modification time."""
+        for file in self.files:
+            stat = (self.root / file).stat()
+            digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
 
     def subset(self, indices: Sequence[int] | torch.Tensor, name: str) -> "FolderListing":
         index = torch.as_tensor(indices, dtype=torch.long)
@@ -105,11 +153,11 @@ def scan_folder(root: str | Path, class_names: Sequence[str] | None = None, name
 # ------------------------------------------------------------------------------------ decoding
 
 
-def decode_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
-    """One image as uint8 ``[channels, size, size]``: shorter side resized to ``size``, then center-cropped."""
+def decode_image(source: str | Path | BinaryIO, size: int, channels: int = 3) -> torch.Tensor:
+    """One image (a file's path, or a binary file) as uint8 ``[channels, size, size]``: shorter side resized to ``size``, then center-cropped."""
     Image, ImageOps = _require_pillow()
     mode = "RGB" if channels == 3 else "L"
-    with Image.open(path) as image:
+    with Image.open(source) as image:
         image.draft(mode, (size, size))  # JPEG: decode at a reduced scale when the file is much larger
         image = image.convert(mode)
         image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
@@ -121,7 +169,7 @@ def decode_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor
 class _DecodedFiles(Dataset):
     """Decodes in worker processes; a failure comes back as its message, so it can be reported by file."""
 
-    def __init__(self, listing: FolderListing, size: int, channels: int):
+    def __init__(self, listing: ImageListing, size: int, channels: int):
         self.listing, self.size, self.channels = listing, size, channels
 
     def __len__(self) -> int:
@@ -129,7 +177,7 @@ class _DecodedFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, decode_image(self.listing.root / self.listing.files[index], self.size, self.channels), None
+            return index, decode_image(self.listing.open(index), self.size, self.channels), None
         except Exception as exc:  # noqa: BLE001 - anything PIL raises for a bad file
             return index, None, f"{type(exc).__name__}: {exc}"
 
@@ -151,20 +199,20 @@ def _loader(dataset: Dataset, batches: list[list[int]], workers: int, collate=_a
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate, pin_memory=pin_memory)
 
 
-def _failure_message(listing: FolderListing, failures: list[tuple[str, str]]) -> str:
-    shown = "; ".join(f"{file} ({error})" for file, error in failures[:5])
+def _failure_message(listing: ImageListing, failures: list[tuple[int, str]]) -> str:
+    shown = "; ".join(f"{listing.describe(index)} ({error})" for index, error in failures[:5])
     more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
-    return f"{len(failures)} of {len(listing)} images in {listing.root} could not be read: {shown}{more}"
+    return f"{len(failures)} of {len(listing)} images in {listing.location} could not be read: {shown}{more}"
 
 
 @dataclass
 class FolderImageData:
-    """Raw images of a folder decoded from disk per batch by ``workers`` processes (too many to hold in memory).
+    """Raw images of a folder (or of a dataset's rows) decoded per batch by ``workers`` processes (too many to hold in memory).
 
     Offers what the engine, the evaluator and the prediction cache use of :class:`ImageData`.
     """
 
-    listing: FolderListing
+    listing: ImageListing
     image_size: int
     channels: int = 3
     workers: int = field(default_factory=default_workers)
@@ -191,14 +239,12 @@ class FolderImageData:
         return len(self.listing)
 
     def fingerprint(self) -> str:
-        """Hash of the name, raw size, labels, and every file's path, size and modification time."""
+        """Hash of the name, raw size, labels, and what identifies the images (a folder: every file's path, size and modification time)."""
         if self._fingerprint is None:
             digest = hashlib.blake2b(digest_size=10)
             digest.update(f"{self.name}|{self.image_size}|{self.channels}".encode())
             digest.update(self.labels.numpy().tobytes())
-            for file in self.listing.files:
-                stat = (self.listing.root / file).stat()
-                digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            self.listing.identify(digest)
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -211,23 +257,22 @@ class FolderImageData:
         loader = _loader(_DecodedFiles(self.listing, self.image_size, self.channels), chunks, min(self.workers, len(chunks)), _stack_decoded, self.pin_memory)
         for index, images, failures in loader:
             if failures:
-                named = [(self.listing.files[i], error) for i, error in failures]
-                raise DataError(_failure_message(self.listing, named) + "; remove or fix them (loading the folder into memory with skip_corrupt / --skip-corrupt leaves them out)")
+                raise DataError(_failure_message(self.listing, failures) + "; remove or fix them (loading the data into memory with skip_corrupt / --skip-corrupt leaves them out)")
             yield index, images, self.labels[index]
 
 
-def _check_headers(listing: FolderListing, workers: int) -> list[tuple[str, str]]:
-    """Files whose header cannot be read: cheap enough for folders too large to decode up front."""
+def _check_headers(listing: ImageListing, workers: int) -> list[tuple[int, str]]:
+    """Images whose header cannot be read: cheap enough for data too large to decode up front."""
     dataset = _HeaderCheck(listing)
     chunks = [list(range(start, min(start + 256, len(listing)))) for start in range(0, len(listing), 256)]
     failures = []
     for items in _loader(dataset, chunks, min(workers, len(chunks))):
-        failures.extend((listing.files[i], error) for i, error in items if error is not None)
+        failures.extend((i, error) for i, error in items if error is not None)
     return failures
 
 
 class _HeaderCheck(Dataset):
-    def __init__(self, listing: FolderListing):
+    def __init__(self, listing: ImageListing):
         self.listing = listing
 
     def __len__(self):
@@ -236,7 +281,7 @@ class _HeaderCheck(Dataset):
     def __getitem__(self, index):
         Image, _ = _require_pillow()
         try:
-            with Image.open(self.listing.root / self.listing.files[index]) as image:
+            with Image.open(self.listing.open(index)) as image:
                 image.size  # noqa: B018 - opening parses the header
             return index, None
         except Exception as exc:  # noqa: BLE001
@@ -248,7 +293,7 @@ def _warn(message: str) -> None:
 
 
 def load_folder(
-    listing: FolderListing,
+    listing: ImageListing,
     image_size: int,
     channels: int = 3,
     *,
@@ -258,11 +303,11 @@ def load_folder(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     log: Callable[[str], None] = _warn,
 ) -> ImageData | FolderImageData:
-    """Raw images of ``listing`` at ``image_size``: decoded once into memory, or streamed from disk.
+    """Raw images of ``listing`` (a folder's or a dataset's) at ``image_size``: decoded once into memory, or streamed from disk.
 
     ``in_memory=None`` keeps them in memory when they take at most ``memory_budget`` bytes.
     Unreadable images are an error that names them, unless ``skip_corrupt`` leaves them out
-    (reported through ``log``). Streaming checks only each file's header up front.
+    (reported through ``log``). Streaming checks only each image's header up front.
     """
     if image_size < 1:
         raise ConfigError(f"image size must be a positive number of pixels; got {image_size}")
@@ -284,22 +329,22 @@ def load_folder(
     for index, decoded, batch_failures in _loader(_DecodedFiles(listing, image_size, channels), chunks, min(workers, len(chunks)), _stack_decoded):
         if decoded is not None:
             images[index], ok[index] = decoded, True
-        failures.extend((listing.files[i], error) for i, error in batch_failures)
+        failures.extend(batch_failures)
     kept = _drop_failures(listing, failures, skip_corrupt, log)
     if failures:
         images = images[ok]
     return ImageData(images, kept.labels, kept.class_names, f"{kept.name}@{image_size}")
 
 
-def _drop_failures(listing: FolderListing, failures: list[tuple[str, str]], skip: bool, log) -> FolderListing:
+def _drop_failures(listing: ImageListing, failures: list[tuple[int, str]], skip: bool, log) -> ImageListing:
     if not failures:
         return listing
     if not skip:
         raise DataError(_failure_message(listing, failures) + "; remove or fix them, or pass --skip-corrupt (skip_corrupt=True) to leave them out")
-    bad = {file for file, _ in failures}
-    keep = [i for i, file in enumerate(listing.files) if file not in bad]
+    bad = {index for index, _ in failures}
+    keep = [i for i in range(len(listing)) if i not in bad]
     if not keep:
-        raise DataError(f"none of the {len(listing)} images in {listing.root} could be read; first: {failures[0][0]} ({failures[0][1]})")
+        raise DataError(f"none of the {len(listing)} images in {listing.location} could be read; first: {listing.describe(failures[0][0])} ({failures[0][1]})")
     log(f"skipped {_failure_message(listing, failures)}")
     return listing.subset(keep, listing.name)
 
@@ -331,7 +376,7 @@ def stratified_subset(labels: torch.Tensor, fraction: float | None = None, per_c
     return by_class[rank < take[sorted_labels]].sort().values
 
 
-def subset_index(source: ImageData | FolderListing, indices: torch.Tensor, *, fraction: float | None, per_class: int | None, seed: int) -> dict:
+def subset_index(source: ImageData | ImageListing, indices: torch.Tensor, *, fraction: float | None, per_class: int | None, seed: int) -> dict:
     """A JSON-ready record of a subset that :func:`apply_subset_index` turns back into the same subset."""
     labels = source.labels[indices]
     counts = torch.bincount(labels, minlength=source.num_classes).tolist()
@@ -360,7 +405,7 @@ def subset_name(name: str, fraction: float | None, per_class: int | None, seed: 
 
 
 def make_subset(source, fraction: float | None = None, per_class: int | None = None, seed: int = 0):
-    """``(subset, index_record)``: the stratified subset of an :class:`ImageData` or :class:`FolderListing`."""
+    """``(subset, index_record)``: the stratified subset of an :class:`ImageData` or an :class:`ImageListing`."""
     indices = stratified_subset(source.labels, fraction, per_class, seed, source.num_classes)
     record = subset_index(source, indices, fraction=fraction, per_class=per_class, seed=seed)
     return source.subset(indices, subset_name(source.name, fraction, per_class, seed)), record

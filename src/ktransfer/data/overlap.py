@@ -16,6 +16,7 @@ import os
 import torch
 
 from .base import ImageData
+from .folder import FolderListing
 
 HASH_BATCH = 512  # streamed files decoded per batch, only where content must be compared
 
@@ -23,7 +24,7 @@ HASH_BATCH = 512  # streamed files decoded per batch, only where content must be
 def _streamed_files(data) -> list | None:
     """Per sample, the identity of its file (device, inode), for data streamed from an image folder; else None."""
     listing = getattr(data, "listing", None)
-    if listing is None or isinstance(data, ImageData):
+    if not isinstance(listing, FolderListing) or isinstance(data, ImageData):
         return None
     keys = []
     for file in listing.files:

@@ -1,12 +1,15 @@
-"""Data specs a user writes: ``fashion-mnist`` (embedded) and ``folder:PATH`` (image folders).
+"""Data specs a user writes: ``fashion-mnist`` (embedded), ``folder:PATH`` (image folders) and Hugging Face datasets.
 
-``--data fashion-mnist``      the transfer split (a stratified 20% of the zoo's pool, seen by the zoo) and the test set
-``--data folder:PATH``        ``PATH/train`` for transfer, ``PATH/val`` (or ``validation``, ``test``) for evaluation
-``--transfer-data folder:A``  one folder of class subfolders each, given separately
+``--data fashion-mnist``          the transfer split (a stratified 20% of the zoo's pool, seen by the zoo) and the test set
+``--data folder:PATH``            ``PATH/train`` for transfer, ``PATH/val`` (or ``validation``, ``test``) for evaluation
+``--transfer-data folder:A``      one folder of class subfolders each, given separately
 ``--eval-data folder:B``
+``--data hf-disk:PATH``           a ``save_to_disk`` DatasetDict: its ``train`` split for transfer, ``val``/``validation``/``test`` for evaluation
+``--data hf-imagefolder:PATH``    the same from ``datasets``' imagefolder loader (data.hf_datasets)
 
-Resolving a spec lists a folder's files without decoding them (:func:`open_data`), so a subset
-can be drawn first and the raw image size chosen from the models (:func:`materialize`).
+Resolving a spec lists a folder's files (or a dataset's rows) without decoding them (:func:`open_data`),
+so a subset can be drawn first and the raw image size chosen from the models (:func:`materialize`).
+In Python a ``datasets.Dataset`` or ``DatasetDict`` object stands where a spec does.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, DataError
+from . import hf_datasets
 from .base import ImageData
-from .folder import FolderImageData, FolderListing, apply_subset_index, load_folder, make_subset, save_subset_index, scan_folder
+from .folder import FolderImageData, ImageListing, apply_subset_index, load_folder, make_subset, save_subset_index, scan_folder
 
 EVAL_FOLDER_NAMES = ("val", "validation", "test")
 FASHION_MNIST_PARTS = ("transfer", "validation", "test", "pool")
 DEFAULT_IMAGE_SIZE = 224
 
-DataSource = ImageData | FolderListing  # what open_data gives: images in memory, or files not yet decoded
+DataSource = ImageData | ImageListing  # what open_data gives: images in memory, or files (or dataset rows) not yet decoded
 
 
 @dataclass
@@ -48,17 +52,31 @@ def _folder_root(spec: str) -> Path:
     return Path(path).expanduser()
 
 
-def _check_scheme(spec: str) -> str:
+def _check_scheme(spec) -> str:
+    """The scheme of a spec (``hf`` for a ``datasets`` object in its place), or the error that lists them."""
+    if hf_datasets.is_hf_dataset(spec):
+        return "hf"
+    if not isinstance(spec, str):
+        raise ConfigError(f"a data spec is a string such as folder:PATH, or in Python a datasets.Dataset or DatasetDict; got {type(spec).__name__}")
     scheme = spec.partition(":")[0].strip().lower()
+    if scheme in hf_datasets.SCHEMES:
+        return "hf"
     if scheme not in ("fashion-mnist", "folder"):
-        raise ConfigError(f"unknown data spec {spec!r}; use fashion-mnist or folder:PATH (a folder of class subfolders, or one with train/ and val/)")
+        raise ConfigError(
+            f"unknown data spec {spec!r}; use fashion-mnist, folder:PATH (a folder of class subfolders, or one with train/ and val/), "
+            f"hf-disk:PATH (a Hugging Face dataset saved with save_to_disk) or hf-imagefolder:PATH (a folder read by datasets' imagefolder loader)"
+        )
     return scheme
 
 
-def open_data(spec: str, data_dir: str | os.PathLike | None = None) -> tuple[DataSource, DataSource]:
-    """``(transfer, eval)`` for ``--data SPEC``: fashion-mnist, or folder:PATH holding train/ and val/."""
-    if _check_scheme(spec) == "fashion-mnist":
+def open_data(spec, data_dir: str | os.PathLike | None = None, *, image_column: str | None = None, label_column: str | None = None) -> tuple[DataSource, DataSource]:
+    """``(transfer, eval)`` for ``--data SPEC``: fashion-mnist, folder:PATH holding train/ and val/, or a Hugging
+    Face DatasetDict with a train and a validation split (hf-disk:PATH, hf-imagefolder:PATH, or the object)."""
+    scheme = _check_scheme(spec)
+    if scheme == "fashion-mnist":
         return _fashion_mnist("transfer", data_dir), _fashion_mnist("test", data_dir)
+    if scheme == "hf":
+        return hf_datasets.open_pair(spec, image_column=image_column, label_column=label_column)
     root = _folder_root(spec)
     if not (root / "train").is_dir():
         raise DataError(
@@ -72,10 +90,14 @@ def open_data(spec: str, data_dir: str | os.PathLike | None = None) -> tuple[Dat
     return transfer, scan_folder(eval_root, transfer.class_names, name=f"folder:{eval_root}")
 
 
-def open_split(spec: str, role: str, class_names: list[str] | None = None, data_dir=None) -> DataSource:
-    """One dataset for ``--transfer-data`` or ``--eval-data``: ``folder:PATH`` (class subfolders) or
-    ``fashion-mnist[:transfer|test|pool]`` (default: the transfer split for transfer, test for eval)."""
-    if _check_scheme(spec) == "fashion-mnist":
+def open_split(spec, role: str, class_names: list[str] | None = None, data_dir=None, *, image_column: str | None = None, label_column: str | None = None) -> DataSource:
+    """One dataset for ``--transfer-data`` or ``--eval-data``: ``folder:PATH`` (class subfolders),
+    ``fashion-mnist[:transfer|test|pool]`` (default: the transfer split for transfer, test for eval), or a
+    Hugging Face dataset (hf-disk:PATH, hf-imagefolder:PATH, or the object; of a DatasetDict the split for ``role``)."""
+    scheme = _check_scheme(spec)
+    if scheme == "hf":
+        return hf_datasets.open_one(spec, role, class_names, image_column=image_column, label_column=label_column)
+    if scheme == "fashion-mnist":
         part = spec.partition(":")[2] or ("transfer" if role == "transfer" else "test")
         if part not in FASHION_MNIST_PARTS:
             raise ConfigError(f"fashion-mnist has the parts {', '.join(FASHION_MNIST_PARTS)}; got {part!r}")
@@ -110,7 +132,7 @@ def materialize(
     in_memory: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ImageData | FolderImageData:
-    """Images ready for models: data already in memory as it is, a folder decoded (or streamed) at ``image_size``."""
+    """Images ready for models: data already in memory as it is, a folder or dataset decoded (or streamed) at ``image_size``."""
     if isinstance(source, ImageData):
         return source
     kwargs = {"log": log} if log is not None else {}
@@ -161,31 +183,41 @@ def load_data(
     skip_corrupt: bool = False,
     in_memory: bool | None = None,
     data_dir=None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> DataSplits:
     """Transfer and evaluation data from specs, in one call (the CLI does the same in steps).
 
     Example: ``load_data("folder:imagenet", image_size=256, subset=0.1, subset_index_path="runs/subset.json")``.
     The subset applies to the transfer data; evaluation always uses the whole evaluation data.
+    A spec may also be a ``datasets.Dataset`` (or ``DatasetDict``) object; ``image_column`` and
+    ``label_column`` name its columns where they are not found by their features.
     """
-    transfer, evaluation = open_sources(spec, transfer_data, eval_data, data_dir)
+    transfer, evaluation = open_sources(spec, transfer_data, eval_data, data_dir, image_column=image_column, label_column=label_column)
     transfer, record = choose_subset(transfer, subset, subset_per_class, subset_seed, subset_index_path)
     size = image_size or DEFAULT_IMAGE_SIZE
     options = dict(workers=workers, skip_corrupt=skip_corrupt, in_memory=in_memory)
     return DataSplits(materialize(transfer, size, channels, **options), materialize(evaluation, size, channels, **options), record)
 
 
-def open_sources(spec: str | None, transfer_data: str | None, eval_data: str | None, data_dir=None) -> tuple[DataSource, DataSource]:
+def open_sources(spec, transfer_data, eval_data, data_dir=None, *, image_column: str | None = None, label_column: str | None = None) -> tuple[DataSource, DataSource]:
     """Resolve ``--data`` and/or ``--transfer-data``/``--eval-data`` (the separate ones win)."""
+    used = [s for s in (transfer_data, eval_data) if s is not None]
+    if spec is not None and len(used) < 2:
+        used.append(spec)
+    columns = dict(image_column=image_column, label_column=label_column)
+    if (image_column or label_column) and not any(_check_scheme(s) == "hf" for s in used):
+        raise ConfigError("--image-column and --label-column (image_column, label_column) name the columns of a Hugging Face dataset (hf-disk:PATH, hf-imagefolder:PATH); this data has none")
     transfer = evaluation = None
     if spec is not None and (transfer_data is None or eval_data is None):
-        transfer, evaluation = open_data(spec, data_dir)
+        transfer, evaluation = open_data(spec, data_dir, **columns)
     if transfer_data is not None:
-        transfer = open_split(transfer_data, "transfer", data_dir=data_dir)
+        transfer = open_split(transfer_data, "transfer", data_dir=data_dir, **columns)
     if eval_data is not None:
-        class_names = transfer.class_names if isinstance(transfer, FolderListing) else None
-        evaluation = open_split(eval_data, "eval", class_names, data_dir)
+        class_names = transfer.class_names if isinstance(transfer, ImageListing) else None
+        evaluation = open_split(eval_data, "eval", class_names, data_dir, **columns)
     if transfer is None or evaluation is None:
-        raise ConfigError("name the data: --data fashion-mnist|folder:PATH, or both --transfer-data and --eval-data")
+        raise ConfigError("name the data: --data fashion-mnist|folder:PATH|hf-disk:PATH, or both --transfer-data and --eval-data")
     if list(transfer.class_names) != list(evaluation.class_names):
         raise DataError(f"{transfer.name} and {evaluation.name} have different classes; transfer and evaluation data must share one label space")
     return transfer, evaluation
