@@ -21,7 +21,7 @@ def blocks():
 
 
 # The pages that document a Python API: each shows it in an example that runs here.
-PYTHON_PAGES = ["README.md", "docs/transfer.md", "docs/multi-teacher.md", "docs/methods.md", "docs/study.md", "docs/guard.md", "docs/checkpoints.md", "docs/analyze.md", "docs/scouting.md"]
+PYTHON_PAGES = ["README.md", "docs/tracking.md", "docs/transfer.md", "docs/multi-teacher.md", "docs/methods.md", "docs/study.md", "docs/guard.md", "docs/checkpoints.md", "docs/analyze.md", "docs/scouting.md"]
 
 
 def test_every_page_with_a_python_api_has_a_runnable_example():

@@ -106,7 +106,7 @@ def test_no_import_cycle():
 LAYERS = {
     "foundation": ["errors", "_version", "paths", "extras", "settings", "output", "metrics", "rank_statistics"],
     "data, models, methods": ["data", "models", "augment", "methods"],
-    "engine": ["predictions", "targets", "view_cache", "checkpoints", "distributed", "engine"],
+    "engine": ["predictions", "targets", "view_cache", "checkpoints", "distributed", "engine", "tracking"],
     "transfer": ["api", "controls", "multi", "adapt", "analysis", "results", "tables", "pretrain"],
     "tools": ["study", "scout", "report", "demo", "multi_demo"],
     "faces": ["cli", "__main__", ""],  # "": the package itself (ktransfer/__init__.py)

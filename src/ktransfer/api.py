@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -18,7 +19,7 @@ from ._version import __version__
 from .checkpoints import CheckpointStore
 from .data.base import ImageData, as_image_data, stratified_split
 from .distributed import Ranks, join
-from .engine import Engine, Evaluator, TrainConfig
+from .engine import Callback, Engine, Evaluator, TrainConfig
 from .errors import ConfigError, DataError, ModelError
 from .methods import create_method
 from .methods.base import Method
@@ -28,6 +29,7 @@ from .paths import atomic_path
 from .predictions import PredictionCache
 from .settings import TransferSettings, unknown_phrase
 from .targets import CachedTargets, OnlineTargets, refuse_view_options, resolve_targets
+from .tracking import Tracker, Tracking, run_name
 from .view_cache import ViewCachedTargets
 
 
@@ -174,6 +176,9 @@ def transfer(
     on_result: Callable[[TransferResult], None] | None = None,
     log: Callable[[str], None] | None = None,
     distributed: bool | None = None,
+    loggers: Sequence[str | Tracker] | None = None,
+    tracking_dir: str | os.PathLike | None = None,
+    tracking_tags: dict[str, str] | None = None,
     **options,
 ) -> TransferResult:
     """Transfer knowledge from ``teacher`` into a copy of ``student``; the models given are left untouched.
@@ -227,6 +232,12 @@ def transfer(
     float32 copies of their logits); ``channels_last`` ("auto": on for conv nets on CUDA, "on",
     "off"); ``prefetch`` ("auto": pinned batches copied ahead on CUDA); ``compile``: torch.compile
     the student and the frozen models. None of them changes the result beyond rounding.
+
+    ``loggers``: experiment trackers to send the run to, by name (``"tensorboard"``, ``"mlflow"``,
+    ``"wandb"``, ``"trackio"``) or as :class:`ktransfer.tracking.Tracker` objects: per step the loss
+    and the method's statistics, per epoch the evaluation, once the settings and the final record
+    (docs/tracking.md). Local ones write under ``tracking_dir`` (default: the current directory);
+    ``tracking_tags`` are added to the run's tags. A tracker that fails is dropped with one warning.
     """
     started = time.perf_counter()
     method, settings = resolve_run(method, settings, method_params, options)
@@ -265,9 +276,24 @@ def transfer(
             on_step = on_epoch = on_result = None
             if checkpoints is not None:
                 checkpoints.log = lambda line: None
+    tracking = None
+    if loggers and (ranks is None or ranks.is_main):
+        tags = dict(tracking_tags or {})
+        control = tags.get("control")  # a control run (ktransfer.controls) is named by its kind, with no teacher
+        names = {"student": student_model.spec or student_model.name, "teacher": "none" if control else teachers[0].spec or teachers[0].name, "method": control or method.name}
+        recorded = {**names, "hparams": method.describe(), "lr": config.lr, **{k: v for k, v in asdict(s).items() if k != "lr"}}
+        name = run_name(names["method"], names["student"], None if control else names["teacher"], s.seed)
+        tracking = Tracking.start(loggers, name, recorded, {**names, **tags}, log or _log_line, tracking_dir or ".")
     # The user's models go back to their devices and modes when the transfer ends, also on an error.
-    with kept_as_given(student_model, *teachers):
-        result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, s.guard_holdout, ranks, (cache_dtype, cache_top_k), log)
+    try:
+        with kept_as_given(student_model, *teachers):
+            result = _transfer(student_model, teachers, transfer_set, eval_set, method, config, cache, targets, on_step, on_epoch, eval_references, started, checkpoints, guard_set, guard_source, s.guard_holdout, ranks, (cache_dtype, cache_top_k), log, [tracking] if tracking is not None else [])
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(None)
+        raise
+    if tracking is not None:
+        tracking.finish(result.metrics)
     if on_result is not None:
         on_result(result)
     if checkpoints is not None and (ranks is None or ranks.is_main):
@@ -472,7 +498,7 @@ def _view_targets(teachers, original, transfer_set, student_preprocess, config: 
     return source
 
 
-def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None, ranks: Ranks | None = None, view_storage: tuple[str, int] = ("float16", 0), log=None) -> TransferResult:
+def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageData, eval_set: ImageData, method: Method, config: TrainConfig, cache: PredictionCache, targets: str, on_step, on_epoch, eval_references, started: float, checkpoints: CheckpointStore | None = None, guard_set: ImageData | None = None, guard_source: str | None = None, guard_holdout: float | None = None, ranks: Ranks | None = None, view_storage: tuple[str, int] = ("float16", 0), log=None, callbacks: Sequence[Callback] = ()) -> TransferResult:
     """The transfer itself, on checked arguments; it moves the given models to the device and may leave them in eval mode."""
     device = config.device
     # The user's student stays as it was and serves as the frozen original; a copy trains.
@@ -508,7 +534,7 @@ def _transfer(student_model: Model, teachers: list[Model], transfer_set: ImageDa
             _check_finite_logits(teacher, logits, transfer_set)
     evaluator = Evaluator(eval_set, before, teacher_eval, config.eval_batch_size, device, references=eval_references, ranks=ranks)
     guard = Evaluator(guard_set, batch_size=config.eval_batch_size, device=device, ranks=ranks) if guard_set is not None else None
-    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard, ranks)
+    engine = Engine(trained, method, transfer_set, config, source, evaluator, on_step, on_epoch, checkpoints, guard, ranks, callbacks)
     history = engine.run()
     final = history[-1]
     guard_record = {}

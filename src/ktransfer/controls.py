@@ -62,6 +62,8 @@ def run_control(kind: str, student, transfer_data, eval_data, settings=None, **o
     from .api import transfer
 
     # The student stands in for the teacher: ce never reads it, and self routes every sample to the original.
+    if options.get("loggers"):  # a tracker names the run by its kind
+        options = {**options, "tracking_tags": {**(options.get("tracking_tags") or {}), "control": kind}}
     result = transfer(student, student, transfer_data, eval_data, control_method(kind), settings, **options)
     result.metrics = as_control_record(result.metrics, kind)
     return result

@@ -7,6 +7,9 @@ import importlib
 from .errors import KTransferError
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")  # the experiment trackers (ktransfer.tracking), each its own extra
+
+
 class MissingExtraError(KTransferError):
     """An optional package is missing; the message names the extra that brings it."""
 

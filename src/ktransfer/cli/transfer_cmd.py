@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..extras import TRACKERS
 from .group import main
 from .data_options import data_options, echo_preprocessing, guard_val_spec, load_cli_data, load_cli_validation
 from .options import data_dir_option, parse_params, pop_settings, settings_from_options, settings_options
@@ -22,11 +23,12 @@ from .options import data_dir_option, parse_params, pop_settings, settings_from_
 @click.option("--controls/--no-controls", default=False, show_default=True, help="Also run the ce (labels only) and self (KL+DP toward the original only) controls with the same data, budget and seed, record them, and compare the transfer with them (delta_vs_control, delta_vs_self and their McNemar p-values). One teacher only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for results.jsonl (appended), the trained student (safetensors) and the checkpoints of a run (OUT/checkpoints).")
 @click.option("--save-format", type=click.Choice(["native", "ktransfer"]), default="native", show_default=True, help="How the trained student is written. native: where its library loads it in one line: an hf: student as a save_pretrained folder, a timm or torchvision student as a safetensors state dict in the library's keys (timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))); ktransfer: a safetensors checkpoint in ktransfer's keys. Both record the architecture, so --student PATH reloads the student. See docs/transfer.md.")
+@click.option("--log", "loggers", multiple=True, type=click.Choice(TRACKERS), help="Send the run (and its controls) to an experiment tracker; repeat for several. tensorboard: event files in OUT/tensorboard; mlflow: MLFLOW_TRACKING_URI's server, else a file store in OUT/mlruns; wandb: online if logged in, else offline into OUT/wandb; trackio: its local database. Each is an extra (pip install 'ktransfer[NAME]'); see docs/tracking.md.")
 @click.option("--val-data", default=None, metavar="SPEC", help="--guard: the validation data to score on, as --eval-data (default: Fashion-MNIST's validation split for the embedded data, else a held-out share of the transfer data).")
 @settings_options(exclude=("checkpoint_dir",))
 @data_dir_option
 @data_options
-def transfer_command(student, teacher, method, params, controls, out, data_dir, strategy, order, recalibrate_bn, save_format, val_data, **options):
+def transfer_command(student, teacher, method, params, controls, out, data_dir, strategy, order, recalibrate_bn, save_format, loggers, val_data, **options):
     """Transfer knowledge from one teacher (or several, with --strategy) into one student and evaluate it.
 
     Example: ktransfer transfer --student zoo:cnn --teacher zoo:mlp --method kl_dp --epochs 3 --lr 1e-3 --out runs/cnn-mlp
@@ -70,6 +72,8 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
     check_device(settings.device)
     teachers, teacher = list(teacher), teacher[0]
     _check_strategy_options(teachers, strategy, order, recalibrate_bn, method_obj)
+    if loggers and strategy is not None:
+        raise ConfigError("--log sends a single transfer (and its controls) to a tracker; run --strategy without it, or its transfers one by one with --log")
     if controls and strategy is not None:
         raise ConfigError("--controls compares a single-teacher transfer with its controls; run the controls with one --teacher, or use 'ktransfer study'")
     if launched_by_torchrun() and (strategy is not None or controls):
@@ -98,7 +102,8 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
 
     # The learning rate is fixed now, so that the controls train at the transfer's own.
     settings = settings.replace(lr=settings.lr if settings.lr is not None else method_obj.default_lr)
-    shared = dict(cache=PredictionCache(), val_data=val_set)  # passed to the controls too, so they are guarded alike
+    # Passed to the controls too, so they are guarded (and tracked) alike.
+    shared = dict(cache=PredictionCache(), val_data=val_set, **(dict(loggers=list(loggers), tracking_dir=out) if loggers else {}))
     saved = {}
 
     def save_outputs(result):  # before the run is marked finished, so a crash cannot lose them

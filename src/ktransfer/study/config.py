@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from ..augment import AUGMENTS
+from ..extras import TRACKERS
 from ..controls import CONTROLS, check_controls
 from ..data.base import ImageData, stratified_split
 from ..errors import ConfigError
@@ -340,6 +341,8 @@ class StudyConfig(_Section):
     cpus_per_run: float = Field(1.0, gt=0, allow_inf_nan=False)
     gpus_per_run: float = Field(0.0, ge=0, allow_inf_nan=False)  # fractions let small models share a card
     max_retries: StrictInt = Field(2, ge=0)  # a run whose worker process dies is tried again this often
+    # Experiment trackers every run is sent to (ktransfer.tracking; local ones write into the study's folder).
+    log: list[Literal[TRACKERS]] = Field(default_factory=list)
 
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
@@ -508,10 +511,19 @@ class RunSpec:
     guard: bool = False
     settings_json: str = ""  # the other settings that change the result (StudyConfig.run_settings), where given
     runtime_json: str = ""  # speed switches (channels_last, prefetch, compile): not part of the key
+    tracking_json: str = ""  # the trackers the run is sent to, their folder and its tags: not part of the key
 
     @property
     def params(self) -> dict:
         return json.loads(self.params_json)
+
+    def tracking(self) -> dict:
+        """``transfer``'s tracking arguments (``loggers``, ``tracking_dir``, ``tracking_tags``), or none."""
+        if not self.tracking_json:
+            return {}
+        given = json.loads(self.tracking_json)
+        tags = {**given["tags"], "phase": self.phase, "run": self.key, "seed": str(self.seed)}
+        return {"loggers": given["loggers"], "tracking_dir": given["folder"], "tracking_tags": tags}
 
     def transfer_settings(self, device: str) -> TransferSettings:
         """The run's :class:`~ktransfer.TransferSettings` (the method's hyperparameters are :attr:`params`)."""

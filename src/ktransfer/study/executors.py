@@ -41,7 +41,7 @@ class RunOutcome:
 def execute_run(run: RunSpec, models, data: StudyData, device: str, cache: PredictionCache) -> RunOutcome:
     """One run of a study, in whatever process holds ``models`` and ``data``; a failure is returned, not raised."""
     # With the guard: on the source's validation data, else on a held-out share of the transfer data (ktransfer.api.guard_data).
-    given = dict(cache=cache, val_data=data.validation if run.guard else None)
+    given = dict(cache=cache, val_data=data.validation if run.guard else None, **run.tracking())
     try:
         settings = run.transfer_settings(device)
         if run.control:

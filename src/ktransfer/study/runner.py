@@ -67,6 +67,7 @@ class Study:
             phase, student, teacher, method, float(setting["lr"]), json.dumps(setting["params"], sort_keys=True), seed, epochs,
             self.config.batch_size, self.config.targets, json.dumps(data, sort_keys=True), self.config.augment, self.config.guard,
             _json_or_empty(self.config.run_settings()), _json_or_empty(self.config.runtime_settings()),
+            json.dumps({"loggers": self.config.log, "folder": str(self.folder.resolve()), "tags": {"study": self.config.name}}) if self.config.log else "",
         )
 
     def search_plan(self) -> dict[str, list[tuple[dict, list[RunSpec]]]]:
