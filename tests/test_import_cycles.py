@@ -104,10 +104,10 @@ def test_no_import_cycle():
 
 # The layers of docs/architecture.md, lowest first: a module may import its own layer and the ones below.
 LAYERS = {
-    "foundation": ["errors", "_version", "paths", "extras", "settings", "output", "metrics", "rank_statistics"],
+    "foundation": ["errors", "_version", "paths", "extras", "settings", "output", "significance", "metrics", "rank_statistics"],
     "data, models, methods": ["data", "models", "augment", "methods"],
     "engine": ["predictions", "targets", "view_cache", "checkpoints", "distributed", "engine", "tracking"],
-    "transfer": ["api", "controls", "multi", "adapt", "analysis", "results", "tables", "pretrain"],
+    "transfer": ["api", "transfer_checks", "weight_averaging", "controls", "multi", "adapt", "analysis", "results", "tables", "pretrain"],
     "tools": ["study", "scout", "report", "demo", "multi_demo"],
     "faces": ["cli", "__main__", ""],  # "": the package itself (ktransfer/__init__.py)
 }

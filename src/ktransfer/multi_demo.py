@@ -27,7 +27,8 @@ from .demo import DemoOptions, _jsonable, _progress, load_zoo
 from .errors import ConfigError
 from .methods import create_method
 from .metrics import accuracy
-from .multi import batch_norm_layers, transfer_multi
+from .multi import transfer_multi
+from .weight_averaging import batch_norm_layers
 from .predictions import PredictionCache
 from .results import append_record, read_records
 

@@ -81,7 +81,7 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
     # Under torchrun every process runs this command; rank 0 alone prints and writes.
     echo = click.echo if is_main_process() else (lambda *args, **kwargs: None)
     val_spec = guard_val_spec(val_data, data["data_spec"], data["transfer_data"], data["eval_data"]) if settings.guard else None
-    # Validation data that shares samples with the evaluation data, by any spelling, is refused by the transfer itself (api.guard_data).
+    # Validation data that shares samples with the evaluation data, by any spelling, is refused by the transfer itself (transfer_checks.guard_data).
     if val_spec is not None and given.get("guard_holdout") is not None:
         raise ConfigError(f"--guard-holdout holds out transfer data, but the guard scores on {val_spec}; leave out one of them")
     student_model = load_model(student, data_dir=data_dir)

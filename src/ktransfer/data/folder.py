@@ -9,6 +9,9 @@ Both give the engine the same ``batches(order, batch_size)``.
 
 What is decoded is an :class:`ImageListing`: the files of a folder (:class:`FolderListing`) or the
 rows of a Hugging Face dataset (``data.hf_datasets.DatasetListing``), read the same way.
+
+(About 440 lines: listing, decoding in memory and streamed, and the subset index share the one
+listing type; apart, each would need the others' internals.)
 """
 
 from __future__ import annotations

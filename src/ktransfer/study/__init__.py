@@ -6,7 +6,8 @@ images come from), :mod:`.store` (the SQLite file), :mod:`.runner` (planning, th
 """
 
 from ..data.base import stratified_split
-from .config import CONTROL_PREFIX, DataConfig, MethodConfig, RunSpec, SearchConfig, StudyConfig, setting_label
+from .config import DataConfig, MethodConfig, SearchConfig, StudyConfig
+from .plan import CONTROL_PREFIX, RunSpec, setting_label
 from .executors import LocalExecutor, RayExecutor, RunOutcome, execute_run
 from .export import LEADING_COLUMNS, compare_with_controls, failed_runs, flat_row, load_records, load_results, records_to_csv
 from .runner import Study

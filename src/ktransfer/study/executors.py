@@ -24,7 +24,8 @@ from ..controls import run_control
 from ..extras import start_ray as _start_ray
 from ..models import load_model
 from ..predictions import PredictionCache
-from .config import RunSpec, StudyConfig
+from .config import StudyConfig
+from .plan import RunSpec
 from .sources import StudyData, search_split
 
 
@@ -40,7 +41,7 @@ class RunOutcome:
 
 def execute_run(run: RunSpec, models, data: StudyData, device: str, cache: PredictionCache) -> RunOutcome:
     """One run of a study, in whatever process holds ``models`` and ``data``; a failure is returned, not raised."""
-    # With the guard: on the source's validation data, else on a held-out share of the transfer data (ktransfer.api.guard_data).
+    # With the guard: on the source's validation data, else on a held-out share of the transfer data (ktransfer.transfer_checks.guard_data).
     given = dict(cache=cache, val_data=data.validation if run.guard else None, **run.tracking())
     try:
         settings = run.transfer_settings(device)

@@ -22,7 +22,8 @@ from ..controls import save_predictions
 from ..models import load_model
 from ..models.base import Model
 from ..predictions import PredictionCache
-from .config import CONTROL_PREFIX, RunSpec, StudyConfig, setting_label
+from .config import StudyConfig
+from .plan import CONTROL_PREFIX, RunSpec, setting_label
 from .executors import RunOutcome, make_executor
 from .export import compare_with_controls, records_to_csv
 from .sources import StudyData, search_split

@@ -16,7 +16,7 @@ from ..errors import KTransferError
 from ..results import _clean
 
 if TYPE_CHECKING:
-    from .config import RunSpec
+    from .plan import RunSpec
 
 CONFIG_FILE = "study.yaml"
 DB_FILE = "study.db"
