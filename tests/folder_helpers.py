@@ -39,3 +39,16 @@ def write_split_folder(root: Path, train_per_class: int = 8, val_per_class: int 
     write_image_folder(root / "train", train_per_class, seed, invert)
     write_image_folder(root / "val", val_per_class, seed + 1000, invert)
     return root
+
+
+# A module of tiny models for three-class 12x12 colour images, for tests that load models by
+# package.module:factory spec (written into a folder on sys.path by the test).
+TINY_NETS = '''
+import torch
+from torch import nn
+
+
+def make(width=4):
+    torch.manual_seed(width)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, width), nn.ReLU(), nn.Linear(width, 3))
+'''

@@ -10,6 +10,7 @@ from ktransfer.errors import ConfigError
 from ktransfer.models.zoo import MLP
 
 from conftest import make_images
+from folder_helpers import TINY_NETS
 
 NAMES = [f"class{i}" for i in range(10)]
 
@@ -336,22 +337,11 @@ def test_cli_refuses_the_evaluation_set_as_val_data_by_every_spelling(small_fash
         assert not (out / "results.jsonl").exists() and "epoch 1" not in result.output
 
 
-GUARD_MODELS = '''
-import torch
-from torch import nn
-
-
-def make(width=4):
-    torch.manual_seed(width)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, width), nn.ReLU(), nn.Linear(width, 3))
-'''
-
-
 def test_cli_refuses_another_spelling_of_the_evaluation_folder(tmp_path, monkeypatch):
     from folder_helpers import write_split_folder
 
     (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "guardnets_k6.py").write_text(GUARD_MODELS)
+    (tmp_path / "code" / "guardnets_k6.py").write_text(TINY_NETS)
     monkeypatch.syspath_prepend(str(tmp_path / "code"))
     root = write_split_folder(tmp_path / "imgs", train_per_class=6, val_per_class=3)
     base = ("transfer", "--student", "guardnets_k6:make?input_size=12", "--teacher", "guardnets_k6:make?width=6&input_size=12", "--data", f"folder:{root}",

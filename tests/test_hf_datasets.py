@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 import ktransfer
-from folder_helpers import CLASSES, class_image, write_split_folder
+from folder_helpers import CLASSES, TINY_NETS, class_image, write_split_folder
 from ktransfer.cli import main
 from ktransfer.data import as_image_data
 from ktransfer.data.base import ImageData
@@ -265,20 +265,9 @@ def test_dataset_objects_in_the_python_api(saved):
     assert result.metrics["n_transfer"] == 24 and result.metrics["n_eval"] == 12 and len(result.history) == 1
 
 
-NETS = '''
-import torch
-from torch import nn
-
-
-def make(width=4):
-    torch.manual_seed(width)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, width), nn.ReLU(), nn.Linear(width, 3))
-'''
-
-
 def test_cli_transfer_on_a_saved_dataset_with_named_columns(tmp_path, monkeypatch):
     (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "hfdatanets_k6.py").write_text(NETS)
+    (tmp_path / "code" / "hfdatanets_k6.py").write_text(TINY_NETS)
     monkeypatch.syspath_prepend(str(tmp_path / "code"))
 
     def split(per_class, seed):  # two image columns: the CLI must be told which

@@ -130,7 +130,7 @@ class MLflowTracker(Tracker):
     def log(self, values, step):
         from mlflow.entities import Metric
 
-        now = _milliseconds()
+        now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(key, value, now, step) for key, value in values.items()])
 
     def finish(self, final, step, failed=False):
@@ -194,10 +194,6 @@ def _quiet():
     return contextlib.redirect_stdout(sys.stderr)
 
 
-def _milliseconds() -> int:
-    return int(time.time() * 1000)
-
-
 def make_tracker(name: str, folder: str | Path = ".", project: str = PROJECT) -> Tracker:
     """A tracker by name: ``tensorboard``, ``mlflow``, ``wandb`` or ``trackio``."""
     folder = Path(folder)
@@ -230,10 +226,7 @@ class Tracking(Callback):
     @classmethod
     def start(cls, loggers: Sequence[str | Tracker], name: str, settings: dict, tags: dict[str, str], warn: Callable[[str], None], folder: str | Path = ".", project: str = PROJECT) -> "Tracking":
         """Trackers from names (or ready :class:`Tracker` objects), each started on this run."""
-        names = [logger for logger in loggers if isinstance(logger, str)]
-        for logger in names:
-            if logger not in TRACKERS:
-                make_tracker(logger)  # the unknown-tracker error, before any work
+        # Every tracker is made before any starts: an unknown name fails before anything is written.
         tracking = cls([make_tracker(logger, folder, project) if isinstance(logger, str) else logger for logger in loggers], warn)
         tracking._each("start", name, settings, {key: str(value) for key, value in tags.items()})
         return tracking

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -324,6 +324,3 @@ class Engine:
         if state.position:
             return f"epoch {state.epoch + 1} of {self.config.epochs}, batch {state.position} of {self.steps_per_epoch}, step {state.step}"
         return f"end of epoch {state.epoch} of {self.config.epochs}, step {state.step}"
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
