@@ -112,3 +112,29 @@ def test_a_saved_student_loads_back_in_its_own_library_and_predicts_the_same(hf_
         expected = result.model.logits(images)
         assert torch.allclose(native(result.model.preprocess(images)), expected, atol=1e-5)
         assert torch.allclose(ktransfer.load_model(str(path)).logits(images), expected, atol=1e-5)
+
+
+def test_timm_hf_hub_names_load_offline_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """``timm:hf-hub:ORG/NAME`` goes through timm, which reads the Hugging Face cache; offline nothing is downloaded."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    made = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    snapshot = tmp_path / "hub" / "models--someone--tiny-resnet" / "snapshots" / ("0" * 40)
+    save_for_hf(made, str(snapshot), model_args={"num_classes": 10})
+    (tmp_path / "hub" / "models--someone--tiny-resnet" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-resnet" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model = ktransfer.load_model("timm:hf-hub:someone/tiny-resnet")
+    images = torch.rand(2, 3, 64, 64)
+    made.eval()
+    assert model.num_classes == 10
+    assert torch.equal(model.module(images), made(images))
+    with pytest.raises(ModelError, match="timm:hf-hub:someone/missing"):
+        ktransfer.load_model("timm:hf-hub:someone/missing")
