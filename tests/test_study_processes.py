@@ -7,6 +7,7 @@ import os
 import pytest
 
 from folder_helpers import write_split_folder
+from ktransfer.errors import ConfigError
 from ktransfer.study import Study, StudyConfig, load_records
 from ktransfer.study.executors import ProcessExecutor, usable_cpus
 
@@ -69,3 +70,25 @@ def test_a_run_whose_worker_dies_is_retried_then_recorded_failed(folder_data, tm
     assert study_phase["done"] == 1 and study_phase["failed"] == 1
     [failed] = status["failed_runs"]
     assert "dies_in_worker" in failed["student"] and "worker process died (tried 2 times)" in failed["error"]
+
+
+def test_a_study_runs_on_a_hugging_face_dataset_as_on_the_folder_it_was_read_from(folder_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("KTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.load_dataset("imagefolder", data_dir=str(folder_data), cache_dir=str(tmp_path / "hf-cache")).save_to_disk(str(saved))
+    one_run = dict(methods=["kl_dp"], seeds=[0], controls=[])
+    folder = Study(StudyConfig.from_dict(config(folder_data, **one_run)), tmp_path / "folder")
+    folder.run(log=lambda line: None)
+    hf = Study(StudyConfig.from_dict(config(folder_data, **one_run, data={"source": f"hf-disk:{saved}"})), tmp_path / "hf")
+    hf.run(log=lambda line: None)
+    from_folder, from_hf = load_records(folder.folder), load_records(hf.folder)
+    assert len(from_hf) == len(from_folder) == 2
+    for a, b in zip(sorted(from_folder, key=lambda r: r["student"]), sorted(from_hf, key=lambda r: r["student"])):
+        assert (a["n_transfer"], a["n_eval"], a["student"]) == (b["n_transfer"], b["n_eval"], b["student"])
+        assert b["transfer_data"].startswith("hf-disk:")
+    with pytest.raises(ConfigError, match="hf-disk:PATH or hf-imagefolder:PATH"):
+        StudyConfig.from_dict(config(folder_data, data={"source": "hf:cifar10"}))

@@ -161,7 +161,7 @@ class DataConfig(_Section):
     @classmethod
     def _known_source(cls, source: str) -> str:
         if source.partition(":")[0] not in DATA_SOURCES:
-            raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(DATA_SOURCES))} (folder as folder:PATH)")
+            raise ValueError(f"unknown data source {source!r}; known: {', '.join(sorted(DATA_SOURCES))} (folder as folder:PATH, Hugging Face datasets as hf-disk:PATH or hf-imagefolder:PATH)")
         return source
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Where a study's images come from: a registry of named loaders (Fashion-MNIST, image folders) that users can extend."""
+"""Where a study's images come from: a registry of named loaders (Fashion-MNIST, image folders, Hugging Face datasets) that users can extend."""
 
 from __future__ import annotations
 
@@ -45,12 +45,15 @@ def _fashion_mnist(config: "DataConfig") -> tuple[ImageData, ImageData, ImageDat
 
 
 @register_data_source("folder")
+@register_data_source("hf-disk")
+@register_data_source("hf-imagefolder")
 def _folder(config: "DataConfig") -> tuple[ImageData, ImageData]:
-    # folder:PATH with train/ and val/ class subfolders, through the data package's own loader.
+    # folder:PATH with train/ and val/ class subfolders, or a Hugging Face dataset with train and validation
+    # splits (hf-disk:PATH, hf-imagefolder:PATH), through the data package's own loader.
     from ..data.sources import load_data
 
     if config.setting != "paper":
-        raise ConfigError(f"data.setting: {config.setting!r} is a Fashion-MNIST split; a folder source transfers on its train/ images (leave setting out)")
+        raise ConfigError(f"data.setting: {config.setting!r} is a Fashion-MNIST split; a {config.scheme} source transfers on its train split (leave setting out)")
     splits = load_data(config.source, data_dir=config.dir)
     return splits.transfer, splits.eval
 
