@@ -43,17 +43,18 @@ def fingerprint_of(settings: dict) -> str:
 
 def describe_difference(saved: dict, current: dict) -> str:
     """``key: A there, B now`` for each setting that differs (``hparams.temperature: ...`` inside nested ones)."""
-    saved, current = _flat(saved), _flat(current)
+    saved, current = flatten(saved), flatten(current)
     keys = sorted(set(saved) | set(current))
     parts = [f"{key}: {_short(saved.get(key))} there, {_short(current.get(key))} now" for key in keys if saved.get(key) != current.get(key)]
     return "; ".join(parts)
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level, keyed ``a.b`` (``hparams.temperature``)."""
     flat = {}
     for key, value in settings.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .checkpoints import flatten
 from .engine.callbacks import Callback
 from .errors import ConfigError
 from .extras import TRACKERS, require
@@ -53,16 +54,9 @@ def numbers(record: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-def flat_settings(settings: dict, prefix: str = "") -> dict[str, str]:
+def flat_settings(settings: dict) -> dict[str, str]:
     """Nested settings as ``a.b`` keys with text values (what MLflow's parameters and TensorBoard's text take)."""
-    out = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_settings(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return out
+    return {key: value if isinstance(value, str) else json.dumps(value, default=str) for key, value in flatten(settings).items()}
 
 
 class Tracker:
