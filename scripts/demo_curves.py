@@ -8,6 +8,12 @@ With a constant learning rate one run of E epochs gives the whole curve from 1 t
     python scripts/demo_curves.py run --out curves.jsonl            # measure (resumable: done runs are skipped)
     python scripts/demo_curves.py plot curves.jsonl docs/figures/demo-curves.png
 
+Variants of the setting are tagged (``--tag``) and resumed by their tag: ``--param temperature=4`` sets a
+method hyperparameter of the transfers (the controls keep theirs), ``--transfer-data pool`` transfers on
+the whole 50k pretraining pool instead of the 10k transfer set (``student``: on every image the student
+trained on, the transfer set and its private part), ``--augment`` augments every batch, and
+``--shard K/N`` runs every N-th job from the K-th, so that N processes share one measurement.
+
 Each line of the output is one run: student, teacher (None for a control), method, lr, the
 student's validation accuracy before, the ensemble Δ of the pair (the ceiling), and Δ after each epoch.
 """
@@ -40,21 +46,35 @@ def measure(args) -> None:
     out = Path(args.out)
     done = set()
     if out.exists():
-        done = {(r["student"], r["teacher"], r["method"], r["lr"]) for r in map(json.loads, out.read_text().splitlines()) if r.get("schedule", "constant") == args.schedule and r.get("epochs", args.epochs) == args.epochs}
+        done = {(r["student"], r["teacher"], r["method"], r["lr"]) for r in map(json.loads, out.read_text().splitlines()) if r.get("schedule", "constant") == args.schedule and r.get("epochs", args.epochs) == args.epochs and r.get("tag", "") == args.tag}
     jobs = [(s, t, m, lr) for lr in args.lrs for s, t in pairs for m in args.methods]
     jobs += [(s, None, c, lr) for lr in args.lrs for s in dict.fromkeys(s for s, _ in pairs) for c in args.controls]
-    jobs = [job for job in jobs if job not in done]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    jobs = [job for job in jobs[shard::shards] if job not in done]
+    params = dict(_parse_param(text) for text in args.param)
+
+    def transfer_data(student: str):
+        if args.transfer_data == "pool":
+            return splits.pool
+        if args.transfer_data == "student":  # every image this student trained on: the transfer set and its private part
+            from ktransfer.models import store
+            from ktransfer.pretrain import training_index
+
+            return splits.pool.subset(training_index(store.DEFAULT_ZOO[student], len(splits.pool), splits.transfer_index), f"{splits.pool.name}[{student}'s training images]")
+        return splits.transfer
+
     print(f"{len(jobs)} run(s) of {args.epochs} epochs to go, on the validation split", flush=True)
     for n, (student, teacher, method, lr) in enumerate(jobs, 1):
         started = time.perf_counter()
         settings = dict(epochs=args.epochs, lr=lr, seed=args.seed, augment=args.augment, schedule=args.schedule)
         if teacher is None:
-            result = run_control(method, models[student], splits.transfer, splits.validation, **settings)
+            result = run_control(method, models[student], transfer_data(student), splits.validation, **settings)
         else:
-            result = ktransfer.transfer(models[student], models[teacher], splits.transfer, splits.validation, method=method, **settings)
+            result = ktransfer.transfer(models[student], models[teacher], transfer_data(student), splits.validation, method=method, method_params=params, **settings)
         record = result.metrics
         before = record["acc_before"]
         row = {
+            "tag": args.tag, "params": params if teacher is not None else {}, "transfer_data": args.transfer_data,
             "student": student, "teacher": teacher, "method": method, "lr": lr, "seed": args.seed, "augment": args.augment, "schedule": args.schedule, "epochs": args.epochs,
             "acc_before": before, "ensemble_delta": record.get("ensemble_delta"),
             "delta_by_epoch": [round(epoch["acc"] - before, 4) for epoch in result.history],
@@ -66,6 +86,14 @@ def measure(args) -> None:
         print(f"[{n}/{len(jobs)}] {student}<{teacher or method} {method} lr {lr:g}: Δ after {args.epochs} epochs {last:+.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
+def _parse_param(text: str):
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def plot(args) -> None:
     import matplotlib
 
@@ -73,7 +101,7 @@ def plot(args) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
-    rows = [r for r in rows if r.get("schedule", "constant") == "constant"]  # a constant lr's run gives the whole curve
+    rows = [r for r in rows if r.get("schedule", "constant") == "constant" and r.get("tag", "") == args.tag]  # a constant lr's run gives the whole curve
     pairs = list(dict.fromkeys((r["student"], r["teacher"]) for r in rows if r["teacher"] is not None))
     lrs = sorted({r["lr"] for r in rows})
     colors = {"kl": "tab:red", "kl_dp": "tab:blue", "ce": "tab:gray", "self": "tab:green"}
@@ -106,7 +134,7 @@ def plot(args) -> None:
 def table(args) -> None:
     """A markdown table: per pair and learning rate, Δ after the given epochs for every method and control."""
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
-    rows = [r for r in rows if r.get("schedule", "constant") == "constant"]
+    rows = [r for r in rows if r.get("schedule", "constant") == "constant" and r.get("tag", "") == args.tag]
     pairs = list(dict.fromkeys((r["student"], r["teacher"]) for r in rows if r["teacher"] is not None))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is not None))
     controls = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is None))
@@ -134,22 +162,28 @@ def main(argv=None) -> None:
     run.add_argument("--out", default="demo-curves.jsonl")
     run.add_argument("--pairs", nargs="+", default=PAIRS, help="STUDENT<TEACHER zoo names")
     run.add_argument("--methods", nargs="+", default=METHODS)
-    run.add_argument("--controls", nargs="+", default=CONTROLS)
+    run.add_argument("--controls", nargs="*", default=CONTROLS)
     run.add_argument("--lrs", nargs="+", type=float, default=LRS)
     run.add_argument("--epochs", type=int, default=30)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--augment", default="none")
     run.add_argument("--schedule", default="constant", help="cosine: one budget per run (only the last epoch's point is that budget's result)")
     run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--tag", default="", help="names this variant of the setting in the results (resumed by it)")
+    run.add_argument("--param", action="append", default=[], help="KEY=VALUE, a hyperparameter of the transfers' methods")
+    run.add_argument("--transfer-data", choices=["transfer", "pool", "student"], default="transfer", help="the demo's 10k transfer set, the whole 50k pool, or every image the student trained on")
+    run.add_argument("--shard", default="0/1", help="K/N: run the jobs K, K+N, K+2N, ...")
     run.add_argument("--data-dir", default=None)
     run.set_defaults(func=measure)
     draw = commands.add_parser("plot", help="draw the curves of a results file")
     draw.add_argument("results")
     draw.add_argument("figure")
+    draw.add_argument("--tag", default="", help="the variant to draw")
     draw.set_defaults(func=plot)
     show = commands.add_parser("table", help="print a markdown table of a results file")
     show.add_argument("results")
     show.add_argument("--epochs", default="3,10,30", help="the epochs to show, comma-separated")
+    show.add_argument("--tag", default="", help="the variant to show")
     show.set_defaults(func=table)
     args = parser.parse_args(argv)
     args.func(args)

@@ -5,7 +5,7 @@ import torch
 
 import ktransfer
 from ktransfer.engine import Engine, TrainConfig
-from ktransfer.errors import ModelError, TrainingError
+from ktransfer.errors import ConfigError, ModelError, TrainingError
 from ktransfer.methods import create_method
 from ktransfer.metrics import mcnemar_p_value
 from ktransfer.models.base import Model
@@ -153,3 +153,29 @@ def test_amp_keeps_the_frozen_models_targets_in_float32_unless_asked(tiny_data, 
                 assert torch.equal(method.targets(got["original"], got["teacher"], inputs.labels)["choice"], ktransfer.methods.kl.route(exact["original"], exact["teacher"], inputs.labels))
     # The student's forward pass still ran under autocast: its logits are bf16 values (8 mantissa bits), stored as float32.
     assert torch.equal(seen[-1].student_logits, seen[-1].student_logits.bfloat16().float())
+
+
+def test_eval_every_scores_only_the_chosen_epochs_and_changes_no_result(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    student, teacher = pair
+    runs = {
+        every: ktransfer.transfer(student, teacher, transfer_set, eval_set, method="kl_dp", epochs=3, lr=0.01, eval_every=every, cache=PredictionCache(enabled=False))
+        for every in (1, 2, 0)
+    }
+    scored = {every: [entry["epoch"] for entry in run.history if "acc" in entry] for every, run in runs.items()}
+    assert scored == {1: [1, 2, 3], 2: [2, 3], 0: [3]}
+    assert [len(run.history) for run in runs.values()] == [3, 3, 3]  # every epoch keeps its training loss
+    assert all("train_loss" in entry for run in runs.values() for entry in run.history)
+    reference = runs[1]
+    for every in (2, 0):
+        weights = runs[every].student.state_dict()
+        assert all(torch.equal(weights[key], value) for key, value in reference.student.state_dict().items())
+        for key in ("acc_after", "delta", "knowledge_gain", "knowledge_loss", "p_value", "capture"):
+            assert runs[every].metrics[key] == reference.metrics[key], key
+    assert runs[2].history[1]["acc"] == reference.history[1]["acc"]
+
+
+def test_eval_every_must_not_be_negative(tiny_data, pair):
+    transfer_set, eval_set = tiny_data
+    with pytest.raises(ConfigError, match="eval_every"):
+        ktransfer.transfer(*pair, transfer_set, eval_set, method="kl", epochs=1, lr=0.01, eval_every=-1)

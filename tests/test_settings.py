@@ -37,6 +37,7 @@ SAMPLES = {
     "compile": (True, {}),
     "guard": (True, {}),
     "guard_holdout": (0.25, {"guard": True}),
+    "eval_every": (0, {}),
     "checkpoint_dir": ("ckpt", {}),
     "checkpoint_every": (5, {"checkpoint_dir": "ckpt"}),
     "checkpoint_minutes": (1.5, {"checkpoint_dir": "ckpt"}),

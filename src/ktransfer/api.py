@@ -331,6 +331,7 @@ def train_config(settings: TransferSettings, method: Method) -> TrainConfig:
         epochs=settings.epochs, lr=settings.lr if settings.lr is not None else method.default_lr, batch_size=settings.batch_size, momentum=settings.momentum,
         weight_decay=settings.weight_decay, seed=settings.seed, device=settings.device, schedule=settings.schedule, augment=settings.augment,
         amp=settings.amp, amp_frozen=settings.amp_frozen, channels_last=settings.channels_last, prefetch=settings.prefetch, compile=settings.compile,
+        eval_every=settings.eval_every,
     )
     config.validate()
     return config

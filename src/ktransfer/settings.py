@@ -55,6 +55,7 @@ class TransferSettings:
     compile: bool = _setting(False, "torch.compile the student and the frozen models (the first steps then take longer).", identity=False)
     guard: bool = _setting(False, "No-regression guard: score the student after every epoch on validation data and keep the best of the original and each epoch's student (docs/guard.md).")
     guard_holdout: float = _setting(0.1, "The guard without validation data: the stratified share of the transfer data held out of training (default: 0.1).")
+    eval_every: int = _setting(1, "Score the evaluation data after every N-th epoch and always after the last (0: only after the last). The final record is the same either way; the history holds the epochs scored.", identity=False)
     checkpoint_dir: str | None = _setting(None, "Folder for checkpoints (one at the end of every epoch); the same call again resumes from the newest.", identity=False)
     checkpoint_every: int | None = _setting(None, "Also checkpoint every N optimiser steps.", identity=False)
     checkpoint_minutes: float | None = _setting(10.0, "Also checkpoint when this many minutes have passed since the last (default: 10).", identity=False)
@@ -93,6 +94,8 @@ class TransferSettings:
             raise ConfigError(f"guard_holdout is the share of the transfer data held out for the guard and must lie in (0, 1); got {self.guard_holdout}")
         if self.cache_top_k is not None and self.cache_top_k < 0:
             raise ConfigError(f"cache_top_k must be 0 (every logit) or a positive number of logits; got {self.cache_top_k}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every is how many epochs lie between two scorings of the evaluation data (0: only after the last); got {self.eval_every}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 step; got {self.checkpoint_every}")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:

@@ -98,7 +98,7 @@ def transfer_command(student, teacher, method, params, controls, out, data_dir, 
 
     def on_epoch(record):
         guarded = f"  guard acc {record['guard_acc']:.2f}" if "guard_acc" in record else ""
-        click.echo(f"  epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}{guarded}  ({record['seconds']:.1f}s)")
+        click.echo(f"  epoch {record['epoch']}: {_scores(record)}{guarded}  ({record['seconds']:.1f}s)")
 
     # The learning rate is fixed now, so that the controls train at the transfer's own.
     settings = settings.replace(lr=settings.lr if settings.lr is not None else method_obj.default_lr)
@@ -189,7 +189,7 @@ def _transfer_from_several(student_model, teacher_models, method, strategy, orde
             where = f"stage {record['stage']} ({record['stage_teacher']}) "
         elif "ingredient" in record:
             where = f"ingredient {record['ingredient']} ({record['ingredient_teacher']}) "
-        line = f"  {where}epoch {record['epoch']}: acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}"
+        line = f"  {where}epoch {record['epoch']}: {_scores(record)}"
         if "delta_vs_first" in record:
             line += f"  Δ since the first student {record['delta_vs_first']:+.2f}"
         shares = [record[f"share_{k}"] for k in range(len(teacher_models) + 1) if f"share_{k}" in record]
@@ -233,3 +233,10 @@ def file_name(text: str, limit: int = 200) -> str:
     if len(text.encode()) > limit:
         text = text.encode()[: limit - 17].decode(errors="ignore") + "-" + hashlib.blake2b(whole.encode(), digest_size=8).hexdigest()
     return text
+
+
+def _scores(record: dict) -> str:
+    """An epoch's numbers on the evaluation data, or its training loss where --eval-every left it unscored."""
+    if "acc" not in record:
+        return f"train loss {record['train_loss']:.4f} (not scored: --eval-every)"
+    return f"acc {record['acc']:.2f}  Δ {record['delta']:+.2f} (p {record['p_value']:.2g})  gain {record['knowledge_gain']:.2f}  loss {record['knowledge_loss']:.2f}"

@@ -38,6 +38,8 @@ class TrainConfig:
     # "auto": on CUDA the next batch is copied from pinned memory on a side stream while the step runs; "on"
     # forces the one-batch-ahead loader elsewhere too (no copy there: used to test it), "off": copied in the step.
     prefetch: str = "auto"
+    # Score the evaluation data after every N-th epoch and always after the last (0: only after the last).
+    eval_every: int = 1
     compile: bool = False  # torch.compile the student and the frozen models (of online targets)
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" checks the wiring without generating code)
 
@@ -49,9 +51,15 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         check_augment(self.augment)
         check_device(self.device)
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 (only after the last epoch) or a number of epochs; got {self.eval_every}")
         for name in ("channels_last", "prefetch"):
             if getattr(self, name) not in SWITCHES:
                 raise ConfigError(f"{name} must be one of {', '.join(SWITCHES)}; got {getattr(self, name)!r}")
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the evaluation data is scored after ``epoch`` (1-based): every ``eval_every``-th and the last."""
+        return epoch == self.epochs or (self.eval_every > 0 and epoch % self.eval_every == 0)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """The learning rate of optimiser step ``step`` (0-based) out of ``total_steps``: a pure function, so resuming needs no scheduler state."""

@@ -117,7 +117,7 @@ class Engine:
                     if getattr(error, "loss_not_finite", False) and any(callback.on_loss_not_finite(self, error) for callback in self.callbacks):
                         continue
                     raise
-                record = {"epoch": state.epoch + 1, **train, **self.evaluate()}
+                record = {"epoch": state.epoch + 1, **train, **(self.evaluate() if self.config.evaluates_after(state.epoch + 1) else {})}
                 for callback in self.callbacks:
                     callback.on_evaluated(self, record)
                 self.method.on_epoch_end(self.student.module)

@@ -131,7 +131,7 @@ def delta_vs_gap(data: ReportData):
 def over_epochs(data: ReportData):
     """Fig. 11: Δ, gain and loss over epochs, mean over the runs of each method or strategy (band: min to max)."""
     runs = histories([*data.records, *data.multi_teacher])
-    if not runs:
+    if not any(len(history) > 1 for _, history in runs):  # none, or scored after the last epoch only (eval_every 0)
         return None
     from matplotlib.ticker import MaxNLocator
 

@@ -333,6 +333,7 @@ class StudyConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     prefetch: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    eval_every: StrictInt = Field(1, ge=0)  # score the evaluation data after every N-th epoch and the last (0: the last only)
     # Run once per student, learning rate and seed, beside the transfers: see ktransfer.controls.
     controls: list[Text] = Field(default_factory=lambda: list(CONTROLS))
     # Where the runs execute: in this process one after another, in worker processes of this machine
