@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ktransfer.cli import main
 from ktransfer.demo import DemoOptions, run_demo
-from ktransfer.errors import ConfigError
+from ktransfer.errors import ConfigError, ModelError
 from ktransfer.results import read_records
 from ktransfer.study import Study, StudyConfig
 
@@ -81,6 +82,48 @@ def test_the_demo_in_worker_processes_gives_the_records_of_one_process(small_fas
         results[executor] = {(r["method"], r["teacher"], r["seed"]): {k: r.get(k) for k in COMPARED} for r in records}
     assert results["processes"] == results["local"]  # the same runs, computed in worker processes: the same numbers
     assert "executor: processes, " in outputs["processes"] and "[6/6]" in outputs["processes"]
+
+
+def test_the_zoo_trains_in_worker_processes_as_it_does_in_this_one(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
+    from ktransfer import pretrain
+    from ktransfer.study.executors import worker_pool
+
+    (tmp_path / "demo_worker_setup.py").write_text(SETUP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("KTRANSFER_WORKER_SETUP", "demo_worker_setup:setup")
+    names = ["mlp", "cnn", "vit"]
+    steps, ready = [], []
+    pool = worker_pool(2, threads=1)
+    try:
+        parallel = pretrain.load_zoo(names, small_fashion_mnist, pool, on_step=lambda *step: steps.append(step), on_ready=ready.append)
+    finally:
+        pool.shutdown()
+    assert sorted(ready) == sorted(names) and all(pretrain.is_cached(name, small_fashion_mnist) for name in names)
+    assert {name for name, step, total in steps if step == total} == set(names)  # each worker reported its last step
+    monkeypatch.setenv("KTRANSFER_CACHE", str(tmp_path / "another-cache"))  # nothing cached: all three train here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker does, so that the rounding is the same
+    try:
+        here = pretrain.load_zoo(names, small_fashion_mnist, on_ready=ready.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert ready[3:] == names
+    for name in names:
+        trained_there, trained_here = parallel[name].module.state_dict(), here[name].module.state_dict()
+        assert all(torch.equal(trained_there[key], value) for key, value in trained_here.items()), name
+
+
+def test_a_zoo_model_that_fails_in_a_worker_is_named(small_fashion_mnist, tiny_zoo, tmp_path, monkeypatch):
+    from ktransfer import pretrain
+    from ktransfer.study.executors import worker_pool
+
+    # The workers do not get the small data set up: the tiny Fashion-MNIST is not the size the real one is.
+    pool = worker_pool(2, threads=1, setup="")
+    try:
+        with pytest.raises(ModelError, match=r"training zoo model '(mlp|cnn)' failed: .*700"):
+            pretrain.load_zoo(["mlp", "cnn"], small_fashion_mnist, pool)
+    finally:
+        pool.shutdown()
 
 
 def test_the_gain_profile_trains_longer_and_options_override_it():

@@ -27,11 +27,12 @@ from .errors import ConfigError, KTransferError
 from .methods import create_method, transfer_method_names
 from .models.base import Model
 from .models.store import DEFAULT_ZOO
-from .pretrain import load_zoo_model
+from . import pretrain
 from .output import output_console
 from .results import summarize, summarize_controls
 from .study import Study, StudyConfig, load_records
 from .study.config import EXECUTORS
+from .study.executors import usable_cpus, worker_pool
 from . import tables
 
 PROFILES = {
@@ -54,6 +55,9 @@ DEFAULT_BATCH_SIZE = 128
 # Where the runs execute: worker processes of this machine, as many as it has usable CPUs, one thread each.
 DEFAULT_EXECUTOR = "processes"
 DEMO_CPUS_PER_RUN = 1
+# The demo's tables read each run's last epoch only: the evaluation set is scored after it alone (a sixth of
+# a full-profile run's time was scoring epochs nobody reads; eval_every in docs/transfer.md).
+DEMO_EVAL_EVERY = 0
 STUDY_NAME = "demo"
 
 
@@ -113,21 +117,32 @@ class DemoOptions:
             "name": STUDY_NAME, "students": [f"zoo:{n}" for n in self.students], "teachers": [f"zoo:{n}" for n in self.teachers],
             "methods": list(self.methods), "seeds": list(self.seeds), "epochs": self.epochs, "lr": self.lr, "schedule": self.schedule, "batch_size": self.batch_size,
             "data": data, "augment": self.augment, "device": self.device, "guard": self.guard, "controls": list(CONTROLS) if self.controls else [],
-            "executor": self.executor, "cpus_per_run": DEMO_CPUS_PER_RUN,
+            "executor": self.executor, "cpus_per_run": DEMO_CPUS_PER_RUN, "eval_every": DEMO_EVAL_EVERY,
         }, source="demo options")
 
 
-def load_zoo(names: list[str], data_dir, console: Console) -> dict[str, Model]:
-    """The named zoo models, trained now (with a progress bar each) or reloaded from the cache."""
-    models = {}
+def load_zoo(names: list[str], data_dir, console: Console, executor: str = "local") -> dict[str, Model]:
+    """The named zoo models, trained now (a progress bar each) or reloaded from the cache. With the processes
+    executor the missing models train at once in worker processes, one per CPU with one thread each."""
     with _progress(console) as progress:
-        for name in names:
-            task = progress.add_task(f"zoo: {name}", total=None)
-            models[name] = load_zoo_model(name, data_dir, on_step=lambda step, total, task=task: progress.update(task, completed=step, total=total))
-            progress.update(task, completed=1, total=1, description=f"zoo: {name} ready")
+        tasks = {name: progress.add_task(f"zoo: {name}", total=None) for name in names}
+
+        def on_step(name: str, step: int, total: int) -> None:
+            progress.update(tasks[name], completed=step, total=total)
+
+        def on_ready(name: str) -> None:
+            progress.update(tasks[name], completed=1, total=1, description=f"zoo: {name} ready")
             if not console.is_terminal:  # no live bar in a log: one line per model instead
                 console.print(f"zoo: {name} ready", markup=False, highlight=False)
-    return models
+
+        missing = [name for name in names if not pretrain.is_cached(name, data_dir)]
+        if executor != "processes" or usable_cpus() < 2 or len(missing) < 2:
+            return pretrain.load_zoo(names, data_dir, on_step=on_step, on_ready=on_ready)
+        pool = worker_pool(min(usable_cpus(), len(missing)), threads=1)
+        try:
+            return pretrain.load_zoo(names, data_dir, pool, on_step=on_step, on_ready=on_ready)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
@@ -143,7 +158,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
         f"evaluation set {len(splits.eval):,} images"
     )
     # The zoo is trained here, once, before any run: the study's runner and its worker processes reload it from the cache.
-    load_zoo(list(dict.fromkeys([*options.students, *options.teachers])), options.data_dir, console)
+    load_zoo(list(dict.fromkeys([*options.students, *options.teachers])), options.data_dir, console, options.executor)
     zoo_seconds = time.perf_counter() - started
 
     zoo_rows: list[dict] = []

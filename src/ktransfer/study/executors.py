@@ -159,6 +159,13 @@ def _start_worker(threads: int, setup: str | None = None) -> None:
     run_worker_setup(setup)
 
 
+def worker_pool(workers: int, threads: int = 1, setup: str | None = None) -> ProcessPoolExecutor:
+    """``workers`` fresh (spawned) worker processes with ``threads`` threads each, each set up by the function
+    ``setup`` names (``MODULE:FUNCTION``; default: ``KTRANSFER_WORKER_SETUP``, if set)."""
+    setup = setup if setup is not None else os.environ.get(WORKER_SETUP_ENV) or None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(threads, setup))
+
+
 class ProcessExecutor:
     """The runs in worker processes on this machine, as many at once as ``cpus_per_run`` fits in its CPUs.
 
@@ -184,7 +191,7 @@ class ProcessExecutor:
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self.threads, self.setup))
+        return worker_pool(self.workers, self.threads, self.setup)
 
     def slots(self) -> int:
         return self.workers
