@@ -124,6 +124,31 @@ def test_zoo_models_are_reproducible(small_fashion_mnist, tiny_zoo, isolated_cac
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_a_zoo_recipe_with_augmentation_is_its_own_cache_entry(small_fashion_mnist, tiny_zoo, isolated_cache):
+    """augment="paper" trains other weights under another key; the default recipe's key is the one it always had."""
+    import hashlib
+    import json
+    from dataclasses import asdict, replace
+
+    from ktransfer.data import fashion_mnist
+    from ktransfer.models import store
+    from ktransfer.pretrain import load_zoo_model
+
+    splits = fashion_mnist.load(small_fashion_mnist)
+    plain = store.DEFAULT_ZOO["cnn"]
+    recipe = {k: v for k, v in asdict(plain).items() if k != "augment"}
+    payload = {"recipe": recipe, "pool": splits.pool.fingerprint(), "transfer": store._index_fingerprint(splits.transfer_index), "format": store.ZOO_FORMAT}
+    expected = hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
+    assert plain.key(splits.pool, splits.transfer_index) == expected
+    augmented = replace(plain, augment="paper")
+    assert augmented.key(splits.pool, splits.transfer_index) != expected
+
+    first = load_zoo_model("cnn", small_fashion_mnist).module.state_dict()
+    second = load_zoo_model("cnn", small_fashion_mnist, recipe=augmented).module.state_dict()
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    assert len(list((isolated_cache / "zoo").glob("cnn-*.safetensors"))) == 2
+
+
 @pytest.mark.parametrize("amp_frozen", [False, True])
 def test_amp_keeps_the_frozen_models_targets_in_float32_unless_asked(tiny_data, amp_frozen):
     """bf16 autocast (it runs on the CPU too) is for the student; DP routes on the frozen models' float32 logits."""

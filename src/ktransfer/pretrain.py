@@ -148,7 +148,8 @@ def train_zoo_model(module: torch.nn.Module, recipe: ZooRecipe, splits: fashion_
     index = training_index(recipe, len(splits.pool), splits.transfer_index)
     data = splits.pool.subset(index, f"{splits.pool.name}[transfer+{recipe.private_size} private, seed={recipe.seed}]")
     config = TrainConfig(
-        epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, seed=recipe.seed, schedule=recipe.schedule
+        epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay, seed=recipe.seed, schedule=recipe.schedule,
+        augment=recipe.augment,
     )
     torch.manual_seed(recipe.seed)
     model = Model(module, recipe.arch, store.FASHION_MNIST_PREPROCESS)

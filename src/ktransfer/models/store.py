@@ -40,10 +40,14 @@ class ZooRecipe:
     batch_size: int = 128
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    augment: str = "none"  # the training batches' augmentation (engine.AUGMENTATIONS); the default zoo trains without
 
     def key(self, pool: ImageData, transfer_index: torch.Tensor) -> str:
+        recipe = asdict(self)
+        if recipe["augment"] == "none":  # keys from before the field existed stay valid
+            del recipe["augment"]
         payload = json.dumps(
-            {"recipe": asdict(self), "pool": pool.fingerprint(), "transfer": _index_fingerprint(transfer_index), "format": ZOO_FORMAT}, sort_keys=True
+            {"recipe": recipe, "pool": pool.fingerprint(), "transfer": _index_fingerprint(transfer_index), "format": ZOO_FORMAT}, sort_keys=True
         )
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
