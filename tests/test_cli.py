@@ -27,6 +27,15 @@ def test_help(command):
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
+def test_demo_help_states_the_demos_own_defaults():
+    from ktransfer import demo
+
+    text = " ".join(run("demo", "--help").output.split())
+    assert f"[default: {','.join(demo.DEFAULT_METHODS)}]" in text
+    assert f"[default: {','.join(map(str, demo.DEFAULT_SEEDS))}]" in text
+    assert "ktransfer.demo." not in text
+
+
 def test_methods_lists_hyperparameters():
     result = run("methods")
     assert result.exit_code == 0
