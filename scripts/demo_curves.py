@@ -12,6 +12,8 @@ Variants of the setting are tagged (``--tag``) and resumed by their tag: ``--par
 method hyperparameter of the transfers (the controls keep theirs), ``--transfer-data pool`` transfers on
 the whole 50k pretraining pool instead of the 10k transfer set (``student``: on every image the student
 trained on, the transfer set and its private part), ``--augment`` augments every batch, and
+``--zoo-augment paper`` loads a zoo trained with the same augmentation (each model's recipe with
+``augment="paper"``, trained and cached on first use: pair it with ``--augment paper``), and
 ``--shard K/N`` runs every N-th job from the K-th, so that N processes share one measurement.
 
 Each line of the output is one run: student, teacher (None for a control), method, lr, the
@@ -42,7 +44,7 @@ def measure(args) -> None:
     torch.set_num_threads(args.threads)
     splits = fashion_mnist.load(args.data_dir)
     pairs = [tuple(pair.split("<")) for pair in args.pairs]
-    models = {name: ktransfer.load_model(f"zoo:{name}") for pair in pairs for name in pair}
+    models = {name: zoo_model(name, args.zoo_augment) for pair in pairs for name in pair}
     out = Path(args.out)
     done = set()
     if out.exists():
@@ -74,7 +76,7 @@ def measure(args) -> None:
         record = result.metrics
         before = record["acc_before"]
         row = {
-            "tag": args.tag, "params": params if teacher is not None else {}, "transfer_data": args.transfer_data,
+            "tag": args.tag, "params": params if teacher is not None else {}, "transfer_data": args.transfer_data, "zoo_augment": args.zoo_augment,
             "student": student, "teacher": teacher, "method": method, "lr": lr, "seed": args.seed, "augment": args.augment, "schedule": args.schedule, "epochs": args.epochs,
             "acc_before": before, "ensemble_delta": record.get("ensemble_delta"),
             "delta_by_epoch": [round(epoch["acc"] - before, 4) for epoch in result.history],
@@ -84,6 +86,20 @@ def measure(args) -> None:
             file.write(json.dumps(row) + "\n")
         last = row["delta_by_epoch"][-1]
         print(f"[{n}/{len(jobs)}] {student}<{teacher or method} {method} lr {lr:g}: Δ after {args.epochs} epochs {last:+.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def zoo_model(name: str, augment: str):
+    """The zoo model ``name``, or the same recipe trained with ``augment`` (its own cache entry)."""
+    from dataclasses import replace
+
+    import ktransfer
+    from ktransfer.models import store
+    from ktransfer.pretrain import load_zoo_model
+
+    if augment == "none":
+        return ktransfer.load_model(f"zoo:{name}")
+    print(f"zoo model {name} with augment={augment} (trained on first use)", flush=True)
+    return load_zoo_model(name, recipe=replace(store.DEFAULT_ZOO[name], augment=augment))
 
 
 def _parse_param(text: str):
@@ -155,6 +171,80 @@ def table(args) -> None:
             print(f"| {student} ← {teacher} ({ceiling:+.2f}) | {lr:g} | " + " | ".join(cells) + " |")
 
 
+def variants(args) -> None:
+    """Every tagged variant side by side: a markdown table of Δ after each run's last epoch, and a figure.
+
+    A row is one (variant, pair); a control's Δ is its student's. Variants differ in budget (the epochs of
+    a pass over more images are fewer), so the table names each one's epochs and transfer data.
+    """
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    rows = [r for r in rows if r.get("schedule", "constant") == "constant" and r["lr"] == args.lr]
+    tags = list(dict.fromkeys(r.get("tag", "") for r in rows))
+    pairs = list(dict.fromkeys((r["student"], r["teacher"]) for r in rows if r["teacher"] is not None))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is not None))
+    controls = list(dict.fromkeys(r["method"] for r in rows if r["teacher"] is None))
+
+    def run(tag, student, teacher, method):
+        wanted = None if method in controls else teacher
+        return next((r for r in rows if r.get("tag", "") == tag and r["student"] == student and r["method"] == method and r["teacher"] == wanted), None)
+
+    print("| variant | data, epochs | pair (ens Δ) | " + " | ".join([*methods, *controls]) + " |")
+    print("|---|---|---|" + "---|" * (len(methods) + len(controls)))
+    for tag in tags:
+        for student, teacher in pairs:
+            found = [run(tag, student, teacher, m) for m in [*methods, *controls]]
+            if not any(found):
+                continue
+            first = next(r for r in found if r)
+            ceiling = next((r["ensemble_delta"] for r in found if r and r.get("ensemble_delta") is not None), None)
+            cells = [f"{r['delta_by_epoch'][-1]:+.2f}" if r else "" for r in found]
+            budget = f"{first.get('transfer_data', 'transfer')}, {len(first['delta_by_epoch'])}"
+            print(f"| {tag or 'base'} | {budget} | {student} ← {teacher} ({'' if ceiling is None else f'{ceiling:+.2f}'}) | " + " | ".join(cells) + " |")
+    if not args.figure:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {"kl": "tab:red", "kl_dp": "tab:blue", "kl_ens": "tab:orange", "kl_dp_soft": "tab:cyan", "kl_dp_unsup": "tab:brown", "ce": "tab:gray", "self": "tab:green"}
+    figure, axes = plt.subplots(len(pairs), len(tags), figsize=(2.9 * len(tags), 2.5 * len(pairs)), sharey="row", squeeze=False)
+    for i, (student, teacher) in enumerate(pairs):
+        tops = [2.0]
+        for j, tag in enumerate(tags):
+            ax = axes[i][j]
+            ceiling = None
+            for method in [*methods, *controls]:
+                r = run(tag, student, teacher, method)
+                if r is None:
+                    continue
+                ceiling = r.get("ensemble_delta") if r.get("ensemble_delta") is not None else ceiling
+                curve = r["delta_by_epoch"]
+                tops.append(max(curve) + 0.3)
+                ax.plot(range(1, len(curve) + 1), curve, color=colors.get(method, "black"), label=method, linestyle="--" if method in controls else "-")
+            ax.axhline(0, color="black", linewidth=0.5)
+            if ceiling is not None:
+                ax.axhline(ceiling, color="tab:purple", linewidth=0.8, linestyle=":", label="ensemble Δ")
+            tops.append((ceiling or 0) + 0.5)
+            ax.set_title(f"{tag or 'base'}: {student} ← {teacher}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if j == 0:
+                ax.set_ylabel("Δ on validation (points)")
+            if i == len(pairs) - 1:
+                ax.set_xlabel("epochs")
+        axes[i][0].set_ylim(-3, max(tops))  # the row shares its axis: every variant's ceiling and peak in view
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.figure, dpi=100)
+    print(f"wrote {args.figure}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +262,7 @@ def main(argv=None) -> None:
     run.add_argument("--tag", default="", help="names this variant of the setting in the results (resumed by it)")
     run.add_argument("--param", action="append", default=[], help="KEY=VALUE, a hyperparameter of the transfers' methods")
     run.add_argument("--transfer-data", choices=["transfer", "pool", "student"], default="transfer", help="the demo's 10k transfer set, the whole 50k pool, or every image the student trained on")
+    run.add_argument("--zoo-augment", choices=["none", "paper"], default="none", help="paper: a zoo trained with the augmentation (cached apart from the default zoo)")
     run.add_argument("--shard", default="0/1", help="K/N: run the jobs K, K+N, K+2N, ...")
     run.add_argument("--data-dir", default=None)
     run.set_defaults(func=measure)
@@ -185,6 +276,11 @@ def main(argv=None) -> None:
     show.add_argument("--epochs", default="3,10,30", help="the epochs to show, comma-separated")
     show.add_argument("--tag", default="", help="the variant to show")
     show.set_defaults(func=table)
+    side = commands.add_parser("variants", help="every tagged variant side by side: a markdown table and, with --figure, the curves")
+    side.add_argument("results")
+    side.add_argument("--figure", default=None)
+    side.add_argument("--lr", type=float, default=3e-3, help="the learning rate the variants share")
+    side.set_defaults(func=variants)
     args = parser.parse_args(argv)
     args.func(args)
 

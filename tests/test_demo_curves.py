@@ -34,3 +34,13 @@ def test_the_script_redraws_the_figure_and_the_page_holds_its_table(tmp_path):
     ours = [numbers(row) for row in table_rows(printed, "| pair (ens Δ) | lr |")]
     page = [numbers(row) for row in table_rows((ROOT / "docs" / "demo.md").read_text(encoding="utf-8"), "| pair (ens Δ) | lr | KL |")]
     assert len(ours) == 12 and ours == page
+
+
+def test_the_page_holds_the_variants_table_of_the_search_data(tmp_path):
+    data = ROOT / "docs" / "figures" / "demo-search.jsonl"
+    figure = tmp_path / "variants.png"
+    printed = subprocess.run([sys.executable, str(SCRIPT), "variants", str(data), "--figure", str(figure)], check=True, capture_output=True, text=True).stdout
+    assert figure.stat().st_size > 10_000
+    ours = [row.split("|")[1:4] + [numbers(row)] for row in table_rows(printed, "| variant |")]
+    page = [row.split("|")[1:4] + [numbers(row)] for row in table_rows((ROOT / "docs" / "demo.md").read_text(encoding="utf-8"), "| variant |")]
+    assert len(ours) >= 12 and [r[:3] for r in ours] == [r[:3] for r in page] and [r[3] for r in ours] == [r[3] for r in page]
