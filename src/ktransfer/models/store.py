@@ -40,7 +40,7 @@ class ZooRecipe:
     batch_size: int = 128
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    augment: str = "none"  # the training batches' augmentation (engine.AUGMENTATIONS); the default zoo trains without
+    augment: str = "none"  # the training batches' augmentation, one of settings.AUGMENTS; the default zoo trains without
 
     def key(self, pool: ImageData, transfer_index: torch.Tensor) -> str:
         recipe = asdict(self)
