@@ -1,5 +1,7 @@
 """Input a transfer cannot use is refused before any training, with one line that says what to do."""
 
+import warnings
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -84,15 +86,32 @@ def test_a_teacher_with_infinite_logits_on_some_samples_is_found_in_the_cached_t
     student, teacher = models()
     transfer_set = data(64, 1)
 
-    def poison(module, inputs, output):  # the sixth row of any batch that has one: the one-sample probe passes
+    def poison(module, inputs, output):  # the sixth row of a pass over the transfer set: the one-sample probe and the evaluation data pass
         output = output.clone()
-        if len(output) > 5:
+        if len(output) == 64:
             output[5] = float("inf")
         return output
 
     teacher.register_forward_hook(poison)
     with pytest.raises(ModelError, match=r"teacher gives NaN or infinite logits on 1 of 64 samples of data1"):
         ktransfer.transfer(student, teacher, transfer_set, data(32, 2), epochs=1, targets="cached")
+
+
+def test_a_teacher_with_infinite_logits_on_the_evaluation_data_is_named_before_its_ceiling_is_taken(monkeypatch):
+    never_trains(monkeypatch)
+    student, teacher = models()
+
+    def poison(module, inputs, output):  # two rows of a pass over the 32 evaluation images
+        output = output.clone()
+        if len(output) == 32:
+            output[[3, 7]] = float("nan")
+        return output
+
+    teacher.register_forward_hook(poison)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN ensemble computed on the way
+        with pytest.raises(ModelError, match=r"teacher gives NaN or infinite logits on 2 of 32 samples of data2"):
+            ktransfer.transfer(student, teacher, data(64, 1), data(32, 2), epochs=1)
 
 
 def test_nan_pixels_in_the_first_sample_are_refused_as_bad_data(monkeypatch):

@@ -343,8 +343,14 @@ def _log_line(line: str) -> None:
 
 
 def eval_ceiling(cache: PredictionCache, student: Model, teachers: Sequence[Model], data: ImageData, device="cpu") -> dict:
-    """The ceiling (``ktransfer.metrics.ceiling``) of ``student`` with ``teachers`` on ``data``, from the cached logits of each model."""
-    logits = [cache.logits(model, data, device=device) for model in (student, *teachers)]
+    """The ceiling (``ktransfer.metrics.ceiling``) of ``student`` with ``teachers`` on ``data``, from the cached logits of each model.
+
+    A model whose logits are not finite on ``data`` is refused by name: its ensemble would be NaN.
+    """
+    models = (student, *teachers)
+    logits = [cache.logits(model, data, device=device) for model in models]
+    for model, z in zip(models, logits):
+        check_finite_logits(model, z, data)
     return ceiling(data.labels, [softmax(z) for z in logits])
 
 
