@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -274,8 +275,17 @@ class OneProcess:
 
 
 def _destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group at exit. Under gloo the ranks first meet (for at most 10 s, so that a rank whose peer
+    failed still exits): a rank that tears its group down after its peer has closed the connections can be
+    aborted by gloo's threads ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=10))
+        except RuntimeError:  # a peer that has gone: nothing to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def check_distributable(method, extra_parameters: list) -> None:
