@@ -141,6 +141,13 @@ def test_demo_end_to_end_with_controls_and_resume(small_fashion_mnist, tiny_zoo,
     positive = [r["delta"] / r["ensemble_delta"] for r in transfers if r["method"] == "kl" and r["ensemble_delta"] > 0]
     assert summary["methods"]["kl"]["capture_pairs"] == len(positive)
     assert positive and summary["methods"]["kl"]["median_capture"] == pytest.approx(statistics.median(positive))
+    # every other method against KL+DP, head to head, in the output and the summary
+    versus = summary["head_to_head"]["kl"]
+    by_pair = {(r["student"], r["teacher"]): r for r in transfers if r["method"] == "kl_dp"}
+    differences = [r["acc_after"] - by_pair[(r["student"], r["teacher"])]["acc_after"] for r in transfers if r["method"] == "kl"]
+    assert set(summary["head_to_head"]) == {"kl"} and versus["pairs"] == 4 and versus["reference"] == "kl_dp"
+    assert (versus["ahead"], versus["behind"]) == (sum(d > 0 for d in differences), sum(d < 0 for d in differences))
+    assert f"kl is ahead of kl_dp in {versus['ahead']} of 4 pairs" in result.output
     zoo = json.loads((out / "zoo.json").read_text())
     assert {row["name"] for row in zoo} == {"cnn", "vit", "mlp"}
     # a second run reuses every finished run, and the file still holds each run once, comparisons included

@@ -61,7 +61,7 @@ def test_compare_methods_counts_pairs_over_seeds_and_images_over_runs(two_method
     # the command line prints the same counts
     printed = CliRunner().invoke(main, ["study", str(folder), "--compare", "kl,kl_dp"], terminal_width=200)
     assert printed.exit_code == 0, printed.output
-    assert f"kl is ahead in {ahead} of 3 pairs, behind in {behind}" in printed.output
+    assert f"kl is ahead of kl_dp in {ahead} of 3 pairs, behind in {behind}" in printed.output
     assert f"{only_kl:,} images are right only after kl and {only_dp:,} only after kl_dp" in printed.output
 
 

@@ -30,7 +30,7 @@ from .models.store import DEFAULT_ZOO
 from . import pretrain
 from .output import output_console
 from .results import summarize, summarize_controls
-from .study import Study, StudyConfig, load_records
+from .study import Study, StudyConfig, compare_methods, load_records
 from .study.config import EXECUTORS
 from .study.executors import usable_cpus, worker_pool
 from . import tables
@@ -58,6 +58,8 @@ DEMO_CPUS_PER_RUN = 1
 # The demo's tables read each run's last epoch only: the evaluation set is scored after it alone (a sixth of
 # a full-profile run's time was scoring epochs nobody reads; eval_every in docs/transfer.md).
 DEMO_EVAL_EVERY = 0
+# Every other method of a demo is also compared with this one, head to head (ktransfer.study.compare_methods).
+REFERENCE_METHOD = "kl_dp"
 STUDY_NAME = "demo"
 
 
@@ -193,14 +195,32 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict:
         console.print(tables.controls_table(control_summary, n_eval))
     summary = summarize(records)
     console.print(tables.summary_table(summary, n_eval, with_controls=bool(control_summary)))
+    head_to_head = _head_to_head(out, list(summary), console)
     failed = status["phases"]["study"]["failed"]
     if failed:
         console.print(f"[yellow]{failed} run(s) failed[/]; see them with: ktransfer study {out} --status (rerun the demo with the same options to retry them after a fix)")
     timing = {"zoo_seconds": zoo_seconds, "transfer_seconds": transfer_seconds, "total_seconds": time.perf_counter() - started}
-    (out / "summary.json").write_text(json.dumps({"options": _jsonable(options), "study": config.to_dict(), "methods": summary, "controls": control_summary, "timing": timing}, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps({"options": _jsonable(options), "study": config.to_dict(), "methods": summary, "controls": control_summary, "head_to_head": head_to_head, "timing": timing}, indent=2, default=str))
     console.print(f"zoo {zoo_seconds:.0f}s, runs {transfer_seconds:.0f}s, total {timing['total_seconds']:.0f}s. Results: [bold]{out / 'results.jsonl'}[/]")
     write_report(out, console)
-    return {"records": records, "summary": summary, "controls": control_summary, "zoo": zoo_rows, "timing": timing, "out": out, "status": status}
+    return {"records": records, "summary": summary, "controls": control_summary, "head_to_head": head_to_head, "zoo": zoo_rows, "timing": timing, "out": out, "status": status}
+
+
+def _head_to_head(out: Path, methods: list[str], console: Console) -> dict[str, dict]:
+    """Each method against REFERENCE_METHOD on the pairs and seeds both ran, printed a line each."""
+    if REFERENCE_METHOD not in methods:
+        return {}
+    results = {}
+    for method in methods:
+        if method == REFERENCE_METHOD:
+            continue
+        try:
+            results[method] = compare_methods(out, method, REFERENCE_METHOD)
+        except KTransferError as exc:  # a failed run or a lost prediction file costs this line only
+            console.print(f"[yellow]{method} against {REFERENCE_METHOD}: {exc}[/]")
+            continue
+        console.print(tables.head_to_head_line(results[method]), markup=False, highlight=False)
+    return results
 
 
 def _short(spec) -> str:

@@ -142,3 +142,25 @@ def summary_table(summary: dict[str, dict], n_eval: int, with_controls: bool = F
         f"median capture: over the pairs whose ensemble beats the student, the median of mean Δ ÷ ensemble Δ"
     )
     return table
+
+
+def head_to_head_table(result: dict) -> Table:
+    """Each pair's difference of Δ between two methods (``ktransfer.study.compare_methods``)."""
+    method, reference = result["method"], result["reference"]
+    table = Table(title=f"{method} against {reference}: {result['pairs']} pairs, {result['runs']} runs (Δ difference, points; mean over seeds)")
+    for column in ("student", "teacher", "seeds", f"{method} − {reference}"):
+        table.add_column(column, justify="left" if column in ("student", "teacher") else "right")
+    for pair in result["by_pair"]:
+        table.add_row(pair["student"], pair["teacher"], str(pair["seeds"]), f"{pair['difference']:+.2f}")
+    return table
+
+
+def head_to_head_line(result: dict) -> str:
+    """Two methods head to head in a sentence: the sign test over pairs, then McNemar over images."""
+    method, reference = result["method"], result["reference"]
+    return (
+        f"{method} is ahead of {reference} in {result['ahead']} of {result['pairs']} pairs, behind in {result['behind']} "
+        f"(sign test p {result['sign_test_p']:.2g}), by {result['mean_difference']:+.2f} points on average; "
+        f"{result['only_method']:,} images are right only after {method} and {result['only_reference']:,} only after {reference} "
+        f"(McNemar p {result['mcnemar_p']:.2g}, optimistic: each image counts once per pair and seed)"
+    )

@@ -26,7 +26,7 @@ from .options import data_dir_option, parse_seeds, split_list
 @click.option("--device", default="cpu", show_default=True, help="Where transfers run: cpu, cuda, cuda:1, mps. The zoo always trains on the CPU.")
 @click.option("--executor", type=click.Choice(["local", "processes", "ray"]), default=None, help="Where the runs execute [default: processes: one worker process per usable CPU, one thread each]; local: one after another in this process; ray: Ray tasks (needs ktransfer[ray]). See docs/scale.md.")
 @click.option("--guard", is_flag=True, help="Every transfer and control returns the best of the original student and each epoch's student on the validation split (a held-out 10% of the transfer data with --setting new-data); see docs/guard.md.")
-@click.option("--json", "as_json", is_flag=True, help="For scripts: print the results as one JSON object on standard output (records, per-method summary, controls, timing, output folder); the tables and progress go to standard error.")
+@click.option("--json", "as_json", is_flag=True, help="For scripts: print the results as one JSON object on standard output (records, per-method summary, controls, each method against kl_dp, timing, output folder); the tables and progress go to standard error.")
 @data_dir_option
 def demo_command(profile, out, methods, epochs, setting, lr, schedule, seeds, controls, augment, students, teachers, data_dir, multi_teacher, device, executor, guard, as_json):
     """Train (or reload) the embedded zoo, measure complementary knowledge, and transfer between every pair.
@@ -61,4 +61,4 @@ def demo_command(profile, out, methods, epochs, setting, lr, schedule, seeds, co
 
 
 # What --json prints of a demo's result (the tables' numbers and more, as ktransfer.demo.run_demo returns them).
-JSON_KEYS = ("records", "summary", "controls", "zoo", "rows", "teachers", "timing", "out")
+JSON_KEYS = ("records", "summary", "controls", "head_to_head", "zoo", "rows", "teachers", "timing", "out")

@@ -58,21 +58,10 @@ def compare_pair(text: str, folder: Path) -> dict:
 
 
 def print_comparison(console, result: dict) -> None:
-    from rich.table import Table
+    from ..tables import head_to_head_line, head_to_head_table
 
-    method, reference = result["method"], result["reference"]
-    table = Table(title=f"{method} against {reference}: {result['pairs']} pairs, {result['runs']} runs (Δ difference, points; mean over seeds)")
-    for column in ("student", "teacher", "seeds", f"{method} − {reference}"):
-        table.add_column(column, justify="left" if column in ("student", "teacher") else "right")
-    for pair in result["by_pair"]:
-        table.add_row(pair["student"], pair["teacher"], str(pair["seeds"]), f"{pair['difference']:+.2f}")
-    console.print(table)
-    console.print(
-        f"{method} is ahead in {result['ahead']} of {result['pairs']} pairs, behind in {result['behind']} "
-        f"(sign test p {result['sign_test_p']:.2g}), by {result['mean_difference']:+.2f} points on average; "
-        f"{result['only_method']:,} images are right only after {method} and {result['only_reference']:,} only after {reference} "
-        f"(McNemar p {result['mcnemar_p']:.2g}, optimistic: each image counts once per pair and seed)"
-    )
+    console.print(head_to_head_table(result))
+    console.print(head_to_head_line(result))
 
 
 def print_status(console, status: dict) -> None:
