@@ -1,5 +1,6 @@
 """Two methods of a study head to head (ktransfer.study.compare_methods, `ktransfer study FOLDER --compare`)."""
 
+import re
 import statistics
 
 import pytest
@@ -63,6 +64,10 @@ def test_compare_methods_counts_pairs_over_seeds_and_images_over_runs(two_method
     assert printed.exit_code == 0, printed.output
     assert f"kl is ahead of kl_dp in {ahead} of 3 pairs, behind in {behind}" in printed.output
     assert f"{only_kl:,} images are right only after kl and {only_dp:,} only after kl_dp" in printed.output
+    # one row per pair, teacher before student as in the demo's transfers table
+    for (student, teacher), difference in expected.items():
+        row = rf"│ {teacher.removeprefix('zoo:')}\s*│ {student.removeprefix('zoo:')}\s*│\s*\d+ │\s*{re.escape(f'{difference:+.2f}')} │"
+        assert re.search(row, printed.output), (row, printed.output)
 
 
 def test_compare_methods_says_what_is_wrong(two_method_study):

@@ -148,10 +148,11 @@ def head_to_head_table(result: dict) -> Table:
     """Each pair's difference of Δ between two methods (``ktransfer.study.compare_methods``)."""
     method, reference = result["method"], result["reference"]
     table = Table(title=f"{method} against {reference}: {result['pairs']} pairs, {result['runs']} runs (Δ difference, points; mean over seeds)")
-    for column in ("student", "teacher", "seeds", f"{method} − {reference}"):
-        table.add_column(column, justify="left" if column in ("student", "teacher") else "right")
+    # The transfers table's order and names: teacher, then student, without the zoo: prefix.
+    for column in ("teacher", "student", "seeds", f"{method} − {reference}"):
+        table.add_column(column, justify="left" if column in ("teacher", "student") else "right", no_wrap=column in ("teacher", "student"))
     for pair in result["by_pair"]:
-        table.add_row(pair["student"], pair["teacher"], str(pair["seeds"]), f"{pair['difference']:+.2f}")
+        table.add_row(str(pair["teacher"]).removeprefix("zoo:"), str(pair["student"]).removeprefix("zoo:"), str(pair["seeds"]), f"{pair['difference']:+.2f}")
     return table
 
 
