@@ -1,5 +1,6 @@
 """Weight interpolation between the original and the transferred student (WiSE-FT-style), measured on the
-validation split only: the search of docs/demo.md that found it to add nothing on this zoo.
+validation split only: the search of docs/demo.md that found it to help the ce control more than the teacher's
+methods.
 
 For each pair and method the student is transferred as the demo does (``ktransfer.transfer``, constant
 learning rate), then every float tensor of its state (parameters and batch-norm statistics) is interpolated,
