@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ktransfer.errors import ConfigError
 from ktransfer.methods import create_method
 from ktransfer.methods.base import StepInputs
-from ktransfer.methods.kl import kl_to_target, route
+from ktransfer.methods.kl import kl_to_target, margins, route
 
 
 def test_kl_zero_when_student_equals_teacher():
@@ -54,6 +54,48 @@ def test_route_ablations():
     assert route(original, teacher, labels, "self").tolist() == [0, 0, 0, 0]
 
 
+def test_margins_hand_computed():
+    # label 0; probabilities written out so the margins are exact
+    probs = torch.tensor([[[0.6, 0.35, 0.05], [0.1, 0.7, 0.2]], [[0.55, 0.25, 0.20], [0.3, 0.3, 0.4]]])
+    labels = torch.tensor([0, 2])
+    got = margins(probs.log(), labels)
+    # sample 0: 0.6 - 0.35 and 0.55 - 0.25; sample 1 (label 2): 0.2 - 0.7 (wrong: negative) and 0.4 - 0.3
+    assert got.flatten().tolist() == pytest.approx([0.25, -0.5, 0.30, 0.1], abs=1e-6)
+    # without labels: the largest probability minus the second
+    assert margins(probs.log(), None).flatten().tolist() == pytest.approx([0.25, 0.5, 0.30, 0.1], abs=1e-6)
+
+
+def test_margin_routing_differs_from_confidence_where_the_runner_up_is_close():
+    # Sample 0: the original has the higher p(label) (0.6 > 0.55) but a close runner-up (0.35), the teacher a
+    # spread-out rest: confidence keeps the original, margin takes the teacher. Sample 1: the same outputs, a
+    # tie, goes to the original. Sample 2: the teacher is wrong (negative margin), the original right.
+    original = torch.tensor([[0.6, 0.35, 0.05], [0.5, 0.3, 0.2], [0.5, 0.4, 0.1]]).log()
+    teacher = torch.tensor([[0.55, 0.25, 0.20], [0.5, 0.3, 0.2], [0.3, 0.6, 0.1]]).log()[None]
+    labels = torch.tensor([0, 0, 0])
+    assert route(original, teacher, labels, "confidence").tolist() == [0, 0, 0]
+    assert route(original, teacher, labels, "margin").tolist() == [1, 0, 0]
+    # kl_dp_margin is kl_dp with routing=margin, and distils toward the routed model
+    student = torch.randn(3, 3)
+    method = create_method("kl_dp_margin")
+    assert method.params.routing == "margin"
+    out = method.loss(StepInputs(student, labels, teacher, original))
+    target = torch.where(torch.tensor([True, False, False])[:, None], teacher[0], original)
+    assert out.loss.item() == pytest.approx(kl_to_target(target, student, 1.0).item(), rel=1e-6)
+    assert out.stats["teacher_share"] == pytest.approx(1 / 3)
+    same = create_method("kl_dp", routing="margin").loss(StepInputs(student, labels, teacher, original))
+    assert same.loss.item() == pytest.approx(out.loss.item())
+
+
+def test_margin_routing_without_labels_and_several_teachers():
+    original = torch.tensor([[0.5, 0.4, 0.1]]).log()
+    teachers = torch.stack([torch.tensor([[0.45, 0.10, 0.45]]).log(), torch.tensor([[0.1, 0.3, 0.6]]).log()])
+    # margins without labels: 0.1, 0.0, 0.3 -> the second teacher; with label 0: 0.1, 0.0, -0.5 -> the original
+    assert route(original, teachers, None, "margin").tolist() == [2]
+    assert route(original, teachers, torch.tensor([0]), "margin").tolist() == [0]
+    method = create_method("kl_dp_margin", supervised=False)
+    assert method.targets(original, teachers, torch.tensor([0]))["choice"].tolist() == [2]
+
+
 def test_kl_dp_loss_is_kl_to_routed_target():
     torch.manual_seed(0)
     student, original, teacher = torch.randn(6, 4), torch.randn(6, 4), torch.randn(1, 6, 4)
@@ -80,7 +122,7 @@ def test_create_method_errors():
     assert create_method("kl_dp", supervised="false").params.supervised is False
 
 
-@pytest.mark.parametrize("name, hparams, teachers", [("kl_dp", {}, 1), ("kl_dp", {"supervised": False}, 1), ("kl_dp", {}, 3), ("kl_dp", {"routing": "teacher_on_positive_flips", "flips_from": "original"}, 1), ("kl", {"temperature": 4.0}, 1)])
+@pytest.mark.parametrize("name, hparams, teachers", [("kl_dp", {}, 1), ("kl_dp", {"supervised": False}, 1), ("kl_dp", {}, 3), ("kl_dp_margin", {}, 1), ("kl_dp_margin", {"supervised": False}, 3), ("kl_dp", {"routing": "teacher_on_positive_flips", "flips_from": "original"}, 1), ("kl", {"temperature": 4.0}, 1)])
 def test_targets_computed_once_equal_per_batch_targets(name, hparams, teachers):
     """What fixed_targets computes over the whole set gives the same loss and stats as computing per batch."""
     torch.manual_seed(1)

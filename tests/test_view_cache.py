@@ -289,6 +289,23 @@ def test_a_method_top_k_above_the_caches_is_refused(tmp_path):
         view_storage("views", None, 3, kl(9), 10)
 
 
+def test_margin_routing_needs_a_view_cache_of_exact_logits(tmp_path):
+    from ktransfer.api import view_storage
+    from ktransfer.methods import create_method
+
+    transfer_set, eval_set = data(), data(40, seed=1)
+    settings = {**SETTINGS, "method": "kl_dp_margin", "targets": "views", "cache": PredictionCache(tmp_path)}
+    with pytest.raises(ConfigError, match=r"method kl_dp_margin routes by margin, which a view cache keeps only approximately \(its logits are float16\): use targets online, or a view cache with cache_dtype float32"):
+        ktransfer.transfer(model(0, "s"), model(1, "t"), transfer_set, eval_set, **settings)
+    assert not (tmp_path / "views").exists()  # refused before any work
+    margin = create_method("kl_dp", routing="margin")
+    with pytest.raises(ConfigError, match=r"float32, top 3 only\)"):
+        view_storage("views", "float32", 3, margin, 10)
+    assert view_storage("views", "float32", 10, margin, 10) == ("float32", 10)  # a top-k of every class is every class
+    assert view_storage("views", "float32", None, margin, 10) == ("float32", 0)
+    assert view_storage("online", None, None, margin, 10) == ("float16", 0)  # online targets: exact logits, nothing stored
+
+
 def test_cache_storage_options_without_views_are_refused_not_ignored(tmp_path):
     transfer_set, eval_set = data(), data(40, seed=1)
     for options, named in (({"cache_top_k": 3}, "cache_top_k"), ({"cache_dtype": "float32"}, "cache_dtype"), ({"cache_dtype": "float16", "cache_top_k": 0}, "cache_dtype and cache_top_k")):

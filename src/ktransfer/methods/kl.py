@@ -4,6 +4,9 @@ KL-Dist:   T² · KL(σ(z_t/T) ‖ σ(z_s/T)), mean over the batch.
 KL + DP:   the target of each sample is the teacher's distribution where the teacher is more
            confident than the original (frozen) student, else the original student's own; the
            masks use T = 1 and ties go to the original student. Computed for the whole batch.
+Margin DP: the same switch by each model's margin, p(y) − max_{c≠y} p(c) at T = 1 (without labels:
+           the largest probability minus the second), so a model whose probability of the label
+           is high but whose next class is close counts as less sure (beyond the paper).
            The flip ablations choose between the same two targets by prediction flips, which
            the authors decide from the student being trained, at each step (``flips_from``).
 Top-k:     with ``top_k = k > 0`` both distributions are taken over only the target's k most
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from .base import Hyperparameters, LossOutput, Method, StepInputs, chunked_targets, hparam, register_method
 
-ROUTINGS = ("confidence", "teacher_on_positive_flips", "student_on_negative_flips", "self")
+ROUTINGS = ("confidence", "margin", "teacher_on_positive_flips", "student_on_negative_flips", "self")
 FLIP_ROUTINGS = ("teacher_on_positive_flips", "student_on_negative_flips")
 FLIPS_FROM = ("current", "original")
 
@@ -63,11 +66,15 @@ def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
     labels and one teacher; their flips compare the teacher with ``flips_logits``, the student
     whose predictions decide them (default: the original student). ``confidence`` (``[K+1, B, 2]``:
     probability of the true class, maximum probability) replaces the ones the logits would give,
-    for logits stored rounded (see ``StepInputs.routing_confidence``).
+    for logits stored rounded (see ``StepInputs.routing_confidence``). ``margin``: the same choice
+    by :func:`margins` (``confidence`` does not apply; a view cache's rounded logits are refused
+    before training, in ``ktransfer.transfer_checks.view_storage``).
     """
     candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)  # [K+1, B, C]
     if routing == "self":
         return torch.zeros(original_logits.shape[0], dtype=torch.long, device=original_logits.device)
+    if routing == "margin":
+        return margins(candidates, labels).argmax(dim=0)  # ties: the first, the original student
     if routing == "confidence" and confidence is not None:
         return confidence[..., 0 if labels is not None else 1].argmax(dim=0)  # ties: as below
     if routing == "confidence":
@@ -89,6 +96,22 @@ def route(original_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: t
     if routing == "student_on_negative_flips":
         return (~(student_right & ~teacher_right)).long()
     raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+
+
+def margins(candidate_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Each model's margin at T = 1, ``[K, B]`` from ``[K, B, C]`` logits.
+
+    With labels: the probability of the true class minus the largest other probability (negative
+    where the model is wrong). Without: the largest probability minus the second largest.
+    """
+    probs = candidate_logits.float().softmax(dim=-1)
+    if labels is None:
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    index = labels.view(1, -1, 1).expand(len(probs), -1, 1)
+    true = probs.gather(-1, index).squeeze(-1)
+    others = probs.scatter(-1, index, float("-inf")).amax(dim=-1)
+    return true - others
 
 
 def select(candidates: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -130,7 +153,7 @@ class KLDist(Method):
 class KLDPParams(Hyperparameters):
     temperature: float = hparam(1.0, "temperature T of the distillation loss (the masks always use T = 1)", 1e-3, 100.0)
     supervised: bool = hparam(True, "route by the probability of the true class (true) or by the maximum probability, without labels (false)")
-    routing: str = hparam("confidence", "confidence: the paper's DP; teacher_on_positive_flips, student_on_negative_flips, self: ablations", choices=ROUTINGS)
+    routing: str = hparam("confidence", "confidence: the paper's DP; margin: by p(y) minus the largest other probability (beyond the paper, kl_dp_margin); teacher_on_positive_flips, student_on_negative_flips, self: ablations", choices=ROUTINGS)
     flips_from: str = hparam("current", "for the flip ablations, whose predictions decide the flips: current (the student being trained, each step, as the authors do) or original (the frozen student); targets stay the original student's and the teacher's", choices=FLIPS_FROM)
 
 
@@ -153,7 +176,7 @@ class KLDistDP(Method):
         ``student_logits`` (the student being trained) decide the flips of the flip ablations when
         ``flips_from`` is ``current``; the targets themselves stay the frozen models' outputs.
         """
-        routing_labels = labels if self.params.supervised or self.params.routing != "confidence" else None  # ablations need labels
+        routing_labels = labels if self.params.supervised or self.params.routing not in ("confidence", "margin") else None  # ablations need labels
         flips_logits = student_logits.detach() if self.flips_from_current_student else None
         choice = route(original_logits, teacher_logits, routing_labels, self.params.routing, flips_logits, confidence)
         candidates = torch.cat([original_logits.unsqueeze(0), teacher_logits], dim=0)
@@ -190,3 +213,16 @@ class KLDistDPUnsupervised(KLDistDP):
     name = "kl_dp_unsup"
     summary = "kl_dp without labels: learn from the teacher where its maximum probability beats the original student's (same as kl_dp with supervised=false)"
     Params = KLDPUnsupervisedParams
+
+
+@dataclass
+class KLDPMarginParams(KLDPParams):
+    supervised: bool = hparam(True, "route by the margin on the true class, p(y) minus the largest other probability (true), or by the largest probability minus the second, without labels (false)")
+    routing: str = hparam("margin", "margin: by p(y) minus the largest other probability; confidence: the paper's DP (kl_dp); teacher_on_positive_flips, student_on_negative_flips, self: ablations", choices=ROUTINGS)
+
+
+@register_method
+class KLDistDPMargin(KLDistDP):
+    name = "kl_dp_margin"
+    summary = "kl_dp routed by margin: learn from the teacher where its margin on the label (p(y) minus the largest other probability) beats the original student's (same as kl_dp with routing=margin)"
+    Params = KLDPMarginParams
