@@ -100,13 +100,14 @@ def view_storage(targets: str, cache_dtype: str | None, cache_top_k: int | None,
     if targets != "views":
         return "float16", 0
     dtype, top_k = cache_dtype if cache_dtype is not None else "float16", cache_top_k if cache_top_k is not None else 0
-    if getattr(getattr(method, "params", None), "routing", None) == "margin" and (dtype != "float32" or (isinstance(top_k, int) and 0 < top_k < classes)):
+    some_classes = isinstance(top_k, int) and 0 < top_k < classes  # the cache keeps only each view's top_k logits
+    if getattr(getattr(method, "params", None), "routing", None) == "margin" and (dtype != "float32" or some_classes):
         raise ConfigError(
             f"method {method.name} routes by margin, which a view cache keeps only approximately (its logits are {dtype}"
-            f"{f', top {top_k} only' if isinstance(top_k, int) and 0 < top_k < classes else ''}): use targets online, or a view cache with cache_dtype float32 and every class"
+            f"{f', top {top_k} only' if some_classes else ''}): use targets online, or a view cache with cache_dtype float32 and every class"
         )
     method_top_k = getattr(getattr(method, "params", None), "top_k", 0) or 0
-    if isinstance(top_k, int) and 0 < top_k < classes and top_k < method_top_k < classes:
+    if some_classes and top_k < method_top_k < classes:
         raise ConfigError(
             f"method {method.name} has top_k {method_top_k} but the view cache keeps only each view's {top_k} largest logits, so it would pick "
             f"{method_top_k - top_k} classes among tied ones arbitrarily: give the method a top_k of at most {top_k}, or the cache a top-k of at least {method_top_k}"

@@ -4,11 +4,11 @@ KL-Dist:   T² · KL(σ(z_t/T) ‖ σ(z_s/T)), mean over the batch.
 KL + DP:   the target of each sample is the teacher's distribution where the teacher is more
            confident than the original (frozen) student, else the original student's own; the
            masks use T = 1 and ties go to the original student. Computed for the whole batch.
+           The flip ablations choose between the same two targets by prediction flips, which
+           the authors decide from the student being trained, at each step (``flips_from``).
 Margin DP: the same switch by each model's margin, p(y) − max_{c≠y} p(c) at T = 1 (without labels:
            the largest probability minus the second), so a model whose probability of the label
            is high but whose next class is close counts as less sure (beyond the paper).
-           The flip ablations choose between the same two targets by prediction flips, which
-           the authors decide from the student being trained, at each step (``flips_from``).
 Top-k:     with ``top_k = k > 0`` both distributions are taken over only the target's k most
            probable classes and renormalised over them (a softmax over those k logits).
 """
