@@ -1,20 +1,14 @@
 """scripts/attribution.py: its counts on a hand-built case, and the shares it pools from them."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("attribution", ROOT / "scripts" / "attribution.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("attribution")
 
 
 def test_counts_hand_computed(script):

@@ -1,7 +1,6 @@
 """scripts/weight_interpolation.py: the interpolation is exact at its ends, linear between them, chosen on one
 half of the validation split, and docs/demo.md's numbers are the data file's."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,16 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from script_helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "figures" / "weight-interpolation.jsonl"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("weight_interpolation", ROOT / "scripts" / "weight_interpolation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("weight_interpolation")
 
 
 def states():
